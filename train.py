@@ -120,12 +120,13 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- model
 def build_model(args, stage: str, tok: data.ChatTokenizer, teachers: TargetEncoders | None,
                 device: torch.device, dtype: torch.dtype) -> OLAVLM:
-    """A fresh OLA-VLM from base weights (or tiny random ones), or the --init / previous-stage checkpoint."""
+    """A fresh OLA-VLM from base weights (or tiny random ones), or the --init / previous-stage checkpoint.
+    `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
     dims = teachers.dims if teachers is not None else None
     if args.init:
-        model = OLAVLM.from_checkpoint(args.init, dtype=dtype, device=device, with_predictors=False)
+        model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=False)
         if dims:  # PT from an OLA checkpoint: add fresh predictors
-            model = OLAVLM(model.cfg, model.llm, model.vision, dims, model.sources).to(device)
+            model = OLAVLM(model.cfg, model.llm.to(dtype), model.vision, dims, model.sources).to(device)
         return model
     if args.preset == "tiny":
         seed_everything(args.seed)
@@ -221,7 +222,8 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------- one stage
 def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> Path:
     cuda = device.type == "cuda"
-    dtype = torch.float32  # weights stay fp32 masters; bf16 autocast does the compute on GPUs
+    # Trained weights stay fp32 (bf16 autocast computes on GPUs); frozen ones are bf16 on GPUs (SPEC §8).
+    frozen = torch.bfloat16 if cuda else torch.float32
     hp = {**STAGES[stage], **(TINY[stage] if args.preset == "tiny" else {})}
     lr, batch_size = args.lr or hp["lr"], args.batch_size or hp["batch_size"]
     stage_dir = args.out / stage
@@ -236,8 +238,9 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         builtin = data.builtin_dataset(BUILTIN)
     tok_path = args.tokenizer or (builtin["tokenizer"] if builtin else Path(args.llm or "") / "tokenizer.json")
     tok = data.ChatTokenizer(tok_path, template=PRESETS[args.preset][1])
-    teachers = build_teachers(args, device, dtype) if stage == "pt" else None
-    model = build_model(args, stage, tok, teachers, device, dtype)
+    teachers = build_teachers(args, device, frozen) if stage == "pt" else None
+    model = build_model(args, stage, tok, teachers, device, frozen if stage == "pt" else torch.float32)
+    model.vision.to(frozen)
     set_trainable(model, stage) if rank == 0 else set_trainable_quiet(model, stage)
     model.llm.gradient_checkpointing = args.grad_checkpointing
     records = args.data or builtin[stage if stage == "pt" else "ift"]
@@ -281,7 +284,12 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         for f in stage_dir.glob("step_*"):
             shutil.rmtree(f, ignore_errors=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(stage_dir / "metrics.jsonl", "a" if ckpt else "w") if rank == 0 else None
+    metrics = None
+    if rank == 0:  # on resume, keep the rows up to the checkpoint (later ones are re-run)
+        path = stage_dir / "metrics.jsonl"
+        kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step] if ckpt else []
+        metrics = open(path, "w")
+        metrics.writelines(l + "\n" for l in kept)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     bar = tqdm(total=total, initial=step, desc=stage, disable=rank != 0, dynamic_ncols=True)

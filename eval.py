@@ -1,0 +1,334 @@
+"""Evaluate and use a trained OLA-VLM: CV-Bench (Sec. 5.1, Tab. 1; SPEC §6), the built-in held-out
+QA, streaming chat, and pictures of what the PT embedding predictors learned (Fig. 6).
+
+    python eval.py qa                                  # built-in held-out QA, the tiny run's IFT model
+    python eval.py cvbench --model runs/llama3-8b/ift/final --data CV-Bench/test.jsonl --images CV-Bench
+    python eval.py chat --image photo.jpg --prompt "What is in the image?"
+    python eval.py show --image photo.jpg              # PCA of predicted vs target depth/seg features
+
+Read top to bottom: 1. loading a checkpoint and building prompts, 2. batched greedy answers and the
+answer parser, 3. multiple-choice scoring (CV-Bench metrics), 4. chat, 5. pictures, 6. the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import data
+from encoders import TargetEncoders, clip_preprocess, square_view
+from ola import OLAVLM
+
+DEFAULT_RUN = Path("runs/tiny")           # where `python train.py` writes
+BUILTIN = Path("data_cache/builtin")      # the built-in data (and tokenizer) train.py uses
+
+
+# ----------------------------------------------------------------------------- 1. loading
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """A GPU in bf16 when there is one, else the CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(folder: str | Path, tokenizer: str | Path | None = None, with_predictors: bool = False,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[OLAVLM, data.ChatTokenizer]:
+    """An OLA checkpoint (train.py's `final`) in eval mode, and its tokenizer + chat template.
+
+    Checkpoints do not record their tokenizer: default = the LLM source folder's tokenizer.json,
+    or, for a randomly initialised (tiny) LLM, the built-in one. Template from the LLM type."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not an OLA checkpoint (no config.json); train one with "
+                                f"`python train.py` or pass the checkpoint folder")
+    model = OLAVLM.from_checkpoint(folder, dtype=dtype, device=device, with_predictors=with_predictors).eval()
+    llm_folder = model.sources.get("llm")
+    path = Path(tokenizer or (Path(llm_folder) / "tokenizer.json" if llm_folder
+                              else data.builtin_dataset(BUILTIN)["tokenizer"]))
+    tok = data.ChatTokenizer(path, "phi3" if model.llm.config.model_type == "phi3" else "llama3")
+    if tok.vocab_size > model.llm.config.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, the LLM of {folder} only "
+                         f"{model.llm.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
+    return model, tok
+
+
+def prompt_ids(tok: data.ChatTokenizer, prompt: str, with_image: bool = True) -> list[int]:
+    """One user turn ("<image>\\n" + prompt) ending with the assistant header: a generation prompt."""
+    return tok.encode_conversation([{"from": "human", "value": prompt}], with_image)[0]
+
+
+def image_pixels(path: str | Path, image_size: int, view: str = "pad") -> tuple[Image.Image, torch.Tensor]:
+    """The square view (SPEC §4: pad at inference, crop for PT) and its CLIP pixels (3, S, S)."""
+    try:
+        with Image.open(path) as img:
+            square = square_view(img.convert("RGB"), view)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return square, clip_preprocess(square, image_size)
+
+
+# ----------------------------------------------------------------------------- 2. answers
+@torch.no_grad()
+def answer(model: OLAVLM, tok: data.ChatTokenizer, prompts: list[str], images: list[torch.Tensor] | None,
+           max_new_tokens: int = 128, temperature: float = 0.0, streamer=None) -> list[str]:
+    """Answers to a batch of prompts (one image each, or none), greedy by default. OLAVLM.generate
+    left-pads the spliced sequences, so the batch can mix prompt lengths."""
+    rows = [prompt_ids(tok, p, images is not None) for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)            # (B, T) right-padded
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
+    device, dtype = model.projector[0].weight.device, model.projector[0].weight.dtype
+    pixels = torch.stack(images).to(device, dtype) if images is not None else None
+    out = model.generate(ids.to(device), mask.to(device), images=pixels, max_new_tokens=max_new_tokens,
+                         temperature=temperature, eos_token_ids=tok.eos_ids, streamer=streamer)   # (B, n_new)
+    texts = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in tok.eos_ids), len(row))
+        texts.append(tok.decode(row[:end]).strip())
+    return texts
+
+
+CHOICE_PATTERNS = (
+    re.compile(r"\(([A-Z])\)"),                               # "(B)", "The answer is (C)."
+    re.compile(r"^\s*([A-Z])\s*(?:[).:,]|$)"),                # "B", "B) because...", "B."
+    re.compile(r"\banswer is:?\s*([A-Z])\b"),                 # "The answer is C"
+)
+
+
+def parse_choice(text: str) -> str | None:
+    """The option a free-form answer picks, as "(X)", or None when it names none. SPEC §6: an
+    unparseable answer is wrong (the released parser reused the previous sample's answer instead)."""
+    for pattern in CHOICE_PATTERNS:
+        if m := pattern.search(text):
+            return f"({m.group(1)})"
+    return None
+
+
+# ----------------------------------------------------------------------------- 3. multiple choice
+def read_questions(path: str | Path) -> list[dict]:
+    """CV-Bench `test.jsonl` or the built-in `qa_val.jsonl`: records with prompt, answer "(X)", an
+    image path ("filename" in CV-Bench, "image" in ours), task and source."""
+    records = data.read_records(path)
+    for n, r in enumerate(records, 1):
+        missing = [k for k in ("prompt", "answer") if k not in r] + ([] if "filename" in r or "image" in r
+                                                                      else ["filename|image"])
+        if missing:
+            raise ValueError(f"{path}: record {n} lacks {missing} (expected CV-Bench fields)")
+    return records
+
+
+def score(records: list[dict], outputs: list[str]) -> list[dict]:
+    """One row per sample: the raw output, the parsed choice and whether it equals the answer.
+    Each row depends on its own output only: nothing carries over between samples."""
+    rows = []
+    for r, out in zip(records, outputs, strict=True):
+        pred = parse_choice(out)
+        rows.append({"id": r.get("id", r.get("idx")), "task": r.get("task"), "source": r.get("source"),
+                     "type": r.get("type"), "answer": r["answer"], "output": out, "prediction": pred,
+                     "correct": pred is not None and pred == r["answer"]})
+    return rows
+
+
+def accuracy(rows: list[dict]) -> float | None:
+    return sum(r["correct"] for r in rows) / len(rows) if rows else None
+
+
+def metrics(rows: list[dict]) -> dict:
+    """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (SPEC §6):
+    2D = mean(acc ADE20K, acc COCO), 3D = acc Omni3D, Overall = (2D + 3D) / 2 (None when absent)."""
+    by = lambda key: {v: accuracy([r for r in rows if r[key] == v]) for v in sorted({str(r[key]) for r in rows})}
+    sources = by("source")
+    two_d = [sources[s] for s in ("ADE20K", "COCO") if s in sources]
+    cv = {"2D": sum(two_d) / len(two_d) if two_d else None, "3D": sources.get("Omni3D")}
+    cv["Overall"] = (cv["2D"] + cv["3D"]) / 2 if None not in cv.values() else None
+    return {"n": len(rows), "accuracy": accuracy(rows), "unparsed": sum(r["prediction"] is None for r in rows),
+            "tasks": by("task"), "sources": sources, "cvbench": cv}
+
+
+def run_questions(model: OLAVLM, tok: data.ChatTokenizer, records: list[dict], image_root: str | Path,
+                  batch_size: int = 8, max_new_tokens: int = 128) -> list[dict]:
+    """Greedy answers to question + MC_SUFFIX (SPEC §6), batched, scored per sample."""
+    from tqdm import tqdm
+    rows = []
+    for i in tqdm(range(0, len(records), batch_size), desc="answering", dynamic_ncols=True):
+        chunk = records[i:i + batch_size]
+        images = [image_pixels(Path(image_root) / r.get("filename", r.get("image")),
+                               model.vision.config.image_size)[1] for r in chunk]
+        outputs = answer(model, tok, [r["prompt"] + data.MC_SUFFIX for r in chunk], images, max_new_tokens)
+        rows += score(chunk, outputs)
+    return rows
+
+
+def report(rows: list[dict], out: Path, **info) -> dict:
+    """Print the accuracies and write them with every per-sample prediction to `out` (JSON)."""
+    m = metrics(rows)
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    print(f"accuracy {fmt(m['accuracy'])}% over {m['n']} questions ({m['unparsed']} unparseable answers)")
+    for group in ("tasks", "sources", "cvbench"):
+        print(f"  {group:<8} " + "  ".join(f"{k} {fmt(v)}" for k, v in m[group].items()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**info, "metrics": m, "samples": rows}, indent=1))
+    print(f"wrote {out}")
+    return m
+
+
+# ----------------------------------------------------------------------------- 4. chat
+class Streamer:
+    """Prints one answer while it is generated: LLM.generate calls it with each new id (B=1,)."""
+
+    def __init__(self, tok: data.ChatTokenizer, stream=sys.stdout):
+        self.tok, self.stream, self.ids, self.shown, self.done = tok, stream, [], "", False
+
+    def __call__(self, next_id: torch.Tensor) -> None:
+        i = int(next_id[0])
+        self.done = self.done or i in self.tok.eos_ids
+        if self.done:
+            return
+        self.ids.append(i)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):            # half of a multi-byte character: wait for the rest
+            return
+        self.stream.write(text[len(self.shown):])
+        self.stream.flush()
+        self.shown = text
+
+
+def chat(model: OLAVLM, tok: data.ChatTokenizer, prompt: str, image: str | Path | None = None,
+         max_new_tokens: int = 256, temperature: float = 0.0, stream=sys.stdout) -> str:
+    """Answer one prompt about one image (or none), printing tokens as they come."""
+    images = [image_pixels(image, model.vision.config.image_size)[1]] if image else None
+    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, Streamer(tok, stream))[0]
+    stream.write("\n")
+    return text
+
+
+# ----------------------------------------------------------------------------- 5. pictures
+@torch.no_grad()
+def predicted_features(model: OLAVLM, tok: data.ChatTokenizer, teachers: TargetEncoders, image: str | Path,
+                       prompt: str = data.PT_PROMPTS[0]) -> tuple[Image.Image, dict]:
+    """PT predictors' outputs at every supervised layer and the teachers' targets for one image
+    (PT's center-crop view) -> (square image, {(task, layer): (pred (N, C), target (N, C))})."""
+    if model.predictors is None:
+        raise ValueError("this checkpoint has no embedding predictors: pass a PT checkpoint (e.g. runs/tiny/pt/final)")
+    square, pixels = image_pixels(image, model.vision.config.image_size, view="crop")
+    device = model.projector[0].weight.device
+    targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square).items()})
+    ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
+    out = model(ids, torch.ones_like(ids, dtype=torch.bool), images=pixels[None].to(device),
+                has_image=torch.tensor([True], device=device), targets=targets, keep_predictions=True)
+    return square, {(t, l): (p[0].float(), targets[t][0].float()) for (t, l), p in out.predictions.items()}
+
+
+def pca_rgb(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) x 2 -> two (h, w, 3) images in [0, 1]: the top-3 principal components of the
+    prediction and target tokens, fitted jointly so both use the same colours."""
+    x = torch.cat([pred, target])
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)               # v: (min(2N, C), C)
+    y = x @ v[:3].T                                                  # (2N, 3)
+    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
+    y = ((y - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1)
+    side = math.isqrt(len(pred))
+    return y[:len(pred)].view(side, side, -1), y[len(pred):].view(side, side, -1)
+
+
+def show(square: Image.Image, features: dict, path: Path) -> None:
+    """One row per spatial task: the input, then per supervised layer the PCA of the prediction
+    beside the target's (Fig. 6), titled with their cosine similarity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = [t for t in ("depth", "seg") if any(k[0] == t for k in features)]
+    layers = {t: sorted(l for task, l in features if task == t) for t in tasks}
+    ncols = 1 + 2 * max(map(len, layers.values()))
+    fig, axes = plt.subplots(len(tasks), ncols, figsize=(2.2 * ncols, 2.4 * len(tasks)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, t in zip(axes, tasks):
+        row[0].imshow(square)
+        row[0].set_title(f"input ({t})", fontsize=9)
+        for k, l in enumerate(layers[t]):
+            pred, target = features[(t, l)]
+            cos = torch.nn.functional.cosine_similarity(pred.flatten(), target.flatten(), dim=0).item()
+            for ax, img, name in zip(row[1 + 2 * k: 3 + 2 * k], pca_rgb(pred, target), ("predicted", "target")):
+                ax.imshow(img.numpy(), interpolation="nearest")
+                ax.set_title(f"{t} L{l} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 6. CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", default=str(DEFAULT_RUN), help="train.py output folder for the default --model")
+    common.add_argument("--model", help="OLA checkpoint folder (default: <run>/ift/final; show: <run>/pt/final)")
+    common.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
+    common.add_argument("--out", help="output file (default: next to the checkpoint)")
+    for name, what in (("qa", "built-in held-out multiple-choice QA"), ("cvbench", "CV-Bench test.jsonl")):
+        s = sub.add_parser(name, parents=[common], help=what)
+        s.add_argument("--data", required=name == "cvbench", help="questions .jsonl (qa: the built-in qa_val)")
+        s.add_argument("--images", required=name == "cvbench", help="folder the image paths are relative to")
+        s.add_argument("--limit", type=int, help="only the first N questions")
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--max-new-tokens", type=int, default=128)
+    s = sub.add_parser("chat", parents=[common], help="answer one prompt, streaming")
+    s.add_argument("--image", help="image file (omit for a text-only prompt)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s = sub.add_parser("show", parents=[common], help="PCA pictures of the PT predictors' depth/seg features")
+    s.add_argument("--image", required=True)
+    s.add_argument("--prompt", default=data.PT_PROMPTS[0])
+    s.add_argument("--depth", help="Depth-Anything-V2-Large-hf folder (default: train.py's tiny random teachers)")
+    s.add_argument("--seg", help="oneformer_coco_swin_large folder")
+    s.add_argument("--gen", help="stable-diffusion-2-1-unclip/image_encoder folder")
+    s.add_argument("--seed", type=int, default=0, help="the tiny teachers' seed (train.py --seed)")
+    args = p.parse_args(argv)
+    stage = "pt" if args.command == "show" else "ift"
+    args.model = Path(args.model or Path(args.run) / stage / "final")
+    if args.command == "qa" and args.data and not args.images:
+        p.error("qa --data needs --images (the folder its image paths are relative to)")
+    if args.command == "show" and any([args.depth, args.seg, args.gen]) and not all([args.depth, args.seg, args.gen]):
+        p.error("--depth, --seg and --gen go together (or none of them for the tiny random teachers)")
+    default_out = {"qa": "qa_results.json", "cvbench": "cvbench_results.json", "show": "predictions.png"}
+    if args.command in default_out:
+        args.out = Path(args.out or args.model.parent / default_out[args.command])
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = device_and_dtype()
+    model, tok = load_model(args.model, args.tokenizer, with_predictors=args.command == "show",
+                            device=device, dtype=dtype)
+    if args.command in ("qa", "cvbench"):
+        if args.command == "qa" and not args.data:
+            builtin = data.builtin_dataset(BUILTIN)
+            args.data, args.images = builtin["qa_val"], args.images or builtin["images"]
+        records = read_questions(args.data)[:args.limit]
+        rows = run_questions(model, tok, records, args.images, args.batch_size, args.max_new_tokens)
+        report(rows, args.out, model=str(args.model), data=str(args.data))
+    elif args.command == "chat":
+        chat(model, tok, args.prompt, args.image, args.max_new_tokens, args.temperature)
+    else:
+        teachers = (TargetEncoders.from_pretrained(args.depth, args.seg, args.gen, dtype=dtype) if args.depth
+                    else TargetEncoders.tiny(seed=args.seed, dtype=dtype)).to(device)
+        square, features = predicted_features(model, tok, teachers, args.image, args.prompt)
+        show(square, features, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

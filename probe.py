@@ -1,0 +1,342 @@
+"""Layer-wise probing of a frozen MLLM (Sec. 3, Fig. 3, Tab. 8; SPEC §5).
+
+For every LLM layer l and every task (depth, seg, gen) a single-layer Perceiver resampler probe
+with its own learnable queries (576 for depth/seg, 1 for gen) reads the layer-l hidden states of
+the whole sequence (padding masked) and regresses a frozen teacher's features with smooth-L1.
+All probes train together from ONE no-grad forward of the frozen MLLM per batch. The score of a
+layer is the mean over held-out images of the cosine similarity of the whole flattened prediction
+and target: how much of the teacher's visual information that layer holds in a readable form.
+
+    python probe.py                                    # the tiny run's PT and IFT checkpoints
+    python probe.py --models runs/a/pt/final runs/b/pt/final --labels baseline OLA \
+        --depth weights/Depth-Anything-V2-Large-hf --seg weights/oneformer_coco_swin_large \
+        --gen weights/stable-diffusion-2-1-unclip/image_encoder \
+        --coco-captions coco/annotations/captions_train2017.json --coco-images coco/train2017 \
+        --coco-val-captions coco/annotations/captions_val2017.json --coco-val-images coco/val2017 \
+        --batch-size 256 --epochs 1 --out runs/probe
+
+Differences from the released probing code (official §6, §10): it crashes before training
+(unpacking bug, undefined fields); its probes also attend to padding; it inserts the special
+tokens while training but not at evaluation. Here the model's own splice is used in both, and
+the depth target is the last DINOv2 block's normed patch tokens, as in the paper.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+from encoders import TargetEncoders, clip_preprocess, square_view
+from eval import BUILTIN, DEFAULT_RUN, device_and_dtype, load_model, prompt_ids
+from resampler import PerceiverResampler
+from train import cosine_schedule
+
+PROMPT = "Describe the image in two lines."  # the probing prompt (official §6), empty answer
+TASKS = ("depth", "seg", "gen")
+
+
+@dataclass
+class ProbeConfig:
+    """Probe training (SPEC §5): smooth-L1, AdamW lr 1e-3, cosine with 3% warmup, batch 256, 1 epoch."""
+    lr: float = 1e-3
+    batch_size: int = 256
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    heads: int = 4                 # the predictors' resampler shape (SPEC §2)
+    dim_head: int = 32
+
+
+@dataclass
+class ProbeBatch:
+    """What the probes see: hidden states of every layer, which keys are real, the targets."""
+    hidden_states: tuple[torch.Tensor, ...]   # n_layers + 1 tensors (B, T, H); [l] = output of block l
+    key_mask: torch.Tensor                    # (B, T) bool, True = real token (padding masked)
+    targets: dict[str, torch.Tensor]          # task -> (B, N, C): N = 576 (depth, seg) or 1 (gen)
+
+
+# ----------------------------------------------------------------------------- the probes
+class Probes(nn.Module):
+    """P_task^l for every task and every layer l: PerceiverResampler(H -> C -> C) with N own queries,
+    where (N, C) is the task's target shape (official §6: depth/seg 576 queries, gen 1; dim = out)."""
+
+    def __init__(self, hidden: int, layers: list[int], target_shapes: dict[str, tuple[int, int]],
+                 heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.layers, self.tasks = list(layers), list(target_shapes)
+        self.heads = nn.ModuleDict({t: nn.ModuleDict({
+            str(l): PerceiverResampler(hidden, C, C, num_latents=N, heads=heads, dim_head=dim_head)
+            for l in self.layers}) for t, (N, C) in target_shapes.items()})
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> dict:
+        """-> {(task, layer): prediction (B, N, C)}"""
+        return {(t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
+                for t in self.tasks for l in self.layers}
+
+
+def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.Tensor]:
+    """Train every probe on `batches` (re-iterable, with len) for cfg.epochs: loss = Σ_task Σ_l
+    smooth-L1 (official §6: no contrastive term, no weights). Returns the mean target of each task
+    over the first epoch: the trivial "predict the average" probe that evaluate() compares against."""
+    params = [p for p in probes.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    total = cfg.epochs * len(batches)
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
+    sums, count = {}, 0
+    probes.train()
+    bar = tqdm(total=total, desc="probe train", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        for batch in batches:
+            if epoch == 0:
+                for t, y in batch.targets.items():
+                    sums[t] = sums.get(t, 0) + y.float().sum(0)
+                count += len(batch.key_mask)
+            with autocast(batch.key_mask.device):
+                preds = probes(batch.hidden_states, batch.key_mask)
+            loss = sum(F.smooth_l1_loss(p.float(), batch.targets[t].float(), beta=1.0) for (t, _), p in preds.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item() / len(preds):.4f}")
+            bar.update()
+    bar.close()
+    return {t: s / count for t, s in sums.items()}
+
+
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (official §6)."""
+    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
+
+
+@torch.no_grad()
+def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None):
+    """Mean over images of cosine(prediction, target) per task and layer -> {task: {layer: score}},
+    and, given `mean_targets`, the same score of the constant mean-target predictor -> {task: score}."""
+    probes.eval()
+    sums, trivial, n = {}, {}, 0
+    for batch in tqdm(batches, desc="probe eval", dynamic_ncols=True):
+        with autocast(batch.key_mask.device):
+            preds = probes(batch.hidden_states, batch.key_mask)
+        for (t, l), p in preds.items():
+            sums[(t, l)] = sums.get((t, l), 0.0) + cosine(p, batch.targets[t]).sum().item()
+        for t, m in (mean_targets or {}).items():
+            y = batch.targets[t]
+            trivial[t] = trivial.get(t, 0.0) + cosine(m.to(y.device).expand_as(y), y).sum().item()
+        n += len(batch.key_mask)
+    scores = {t: {l: sums[(t, l)] / n for l in probes.layers} for t in probes.tasks}
+    return scores, {t: s / n for t, s in trivial.items()}
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ----------------------------------------------------------------------------- data
+def builtin_images(split: str) -> list[Path]:
+    """The built-in set's images: 'train' = those of pt.json + ift.json, 'val' = those of qa_val."""
+    paths = data.builtin_dataset(BUILTIN)
+    files = ([r["image"] for r in data.read_records(paths["qa_val"])] if split == "val" else
+             [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r])
+    return [paths["images"] / f for f in dict.fromkeys(files)]
+
+
+def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
+    """One entry per unique image of a COCO captions file (official §6 `prepare_coco`)."""
+    coco = json.loads(Path(captions).read_text())
+    if not {"images", "annotations"} <= coco.keys():
+        raise ValueError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    ids = dict.fromkeys(a["image_id"] for a in coco["annotations"])
+    return [Path(folder) / names[i] for i in ids]
+
+
+class ProbeImages(Dataset):
+    """Image path -> (CLIP pixels (3, S, S), teacher pixels {task: (3, s, s)}) of one square view."""
+
+    def __init__(self, paths: list[Path], image_size: int, teachers: TargetEncoders, view: str = "pad"):
+        self.paths, self.image_size, self.teachers, self.view = paths, image_size, teachers, view
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as img:
+                square = square_view(img.convert("RGB"), self.view)
+        except OSError as e:
+            raise ValueError(f"cannot read probe image {self.paths[i]}: {e}") from None
+        return clip_preprocess(square, self.image_size), self.teachers.preprocess(square)
+
+
+@torch.no_grad()
+def probe_targets(teachers: TargetEncoders, pixels: dict[str, torch.Tensor], tasks) -> dict[str, torch.Tensor]:
+    """Probing targets (SPEC §5): depth = LAST DINOv2 block (not the PT mean of 4), seg, gen as in PT."""
+    out = teachers({t: pixels[t] for t in tasks if t != "depth"})
+    if "depth" in tasks:
+        out["depth"] = teachers.depth_last(pixels["depth"])
+    return {t: out[t].float() for t in tasks}
+
+
+class MLLMFeatures:
+    """Re-iterable batches of ProbeBatch: per batch one no-grad forward of the frozen MLLM (all
+    hidden states) and of the teachers. Every image gets the same prompt, PROMPT, with an empty
+    answer in the model's chat template."""
+
+    def __init__(self, model, tok: data.ChatTokenizer, teachers: TargetEncoders, paths: list[Path],
+                 tasks, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0):
+        self.model, self.teachers, self.tasks = model, teachers, tasks
+        self.ids = torch.tensor(prompt_ids(tok, PROMPT))                            # (T,)
+        dataset = ProbeImages(paths, model.vision.config.image_size, teachers)
+        self.loader = DataLoader(dataset, batch_size, shuffle=shuffle, num_workers=num_workers,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        device = next(self.model.parameters()).device
+        for pixels, target_pixels in self.loader:
+            B = len(pixels)
+            ids = self.ids.expand(B, -1).to(device)
+            with torch.no_grad(), autocast(device):
+                out = self.model(ids, torch.ones_like(ids, dtype=torch.bool),
+                                 images=pixels.to(device, self.model.projector[0].weight.dtype),
+                                 output_hidden_states=True)
+                targets = probe_targets(self.teachers, {t: x.to(device) for t, x in target_pixels.items()},
+                                        self.tasks)
+            for t, y in targets.items():
+                if t != "gen" and y.shape[1] != self.model.num_image_tokens:
+                    raise ValueError(f"{t} teacher gives {y.shape[1]} tokens, the MLLM {self.model.num_image_tokens} "
+                                     f"image tokens: a spatial teacher's grid must match the base encoder's (SPEC §1)")
+            yield ProbeBatch(out.hidden_states, out.segments != 0, targets)     # 0 = PAD segment
+
+
+# ----------------------------------------------------------------------------- plot
+def plot(scores: dict, trivial: dict, path: Path) -> None:
+    """One panel per task, one curve per checkpoint across layers (Fig. 3), dashed: the mean-target level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(next(iter(scores.values())))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for label, s in scores.items():
+            layers = sorted(int(l) for l in s[t])
+            ax.plot(layers, [s[t][str(l)] for l in layers], marker="o", label=label)
+        if t in trivial:
+            ax.axhline(trivial[t], color="gray", linestyle="--", label="mean target")
+        ax.set_title(f"{t} probe")
+        ax.set_xlabel("LLM layer")
+        ax.set_ylabel("cosine similarity")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(DEFAULT_RUN), help="a train.py output folder (default: the tiny run)")
+    p.add_argument("--models", nargs="+", help="OLA checkpoints (default: <run>/pt/final <run>/ift/final)")
+    p.add_argument("--labels", nargs="+", help="one legend label per checkpoint (default: PT, IFT / folder names)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
+    p.add_argument("--depth", help="Depth-Anything-V2-Large-hf folder (default: tiny random teachers)")
+    p.add_argument("--seg", help="oneformer_coco_swin_large folder")
+    p.add_argument("--gen", help="stable-diffusion-2-1-unclip/image_encoder folder")
+    p.add_argument("--coco-captions", help="captions_train2017.json (default: the built-in images)")
+    p.add_argument("--coco-images", help="train2017/ image folder")
+    p.add_argument("--coco-val-captions", help="captions_val2017.json")
+    p.add_argument("--coco-val-images", help="val2017/ image folder")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of probed tasks")
+    p.add_argument("--max-train-images", type=int)
+    p.add_argument("--max-val-images", type=int)
+    p.add_argument("--batch-size", type=int, help="default 256 (tiny: 16)")
+    p.add_argument("--epochs", type=int, help="default 1 (tiny: 2)")
+    p.add_argument("--lr", type=float, default=ProbeConfig.lr)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
+    p.add_argument("--out", help="output folder (default <run>/probe)")
+    args = p.parse_args(argv)
+    real = [args.depth, args.seg, args.gen]
+    if any(real) and not all(real):
+        p.error("--depth, --seg and --gen go together (or none of them for the tiny random teachers)")
+    coco = [args.coco_captions, args.coco_images, args.coco_val_captions, args.coco_val_images]
+    if any(coco) and not all(coco):
+        p.error("COCO probing needs --coco-captions, --coco-images, --coco-val-captions and --coco-val-images")
+    args.tasks = args.tasks.split(",")
+    if unknown := set(args.tasks) - set(TASKS):
+        p.error(f"unknown task(s) {sorted(unknown)}: expected a comma list of {', '.join(TASKS)}")
+    run = Path(args.run)
+    args.models = args.models or [str(run / "pt" / "final"), str(run / "ift" / "final")]
+    default_labels = ["PT", "IFT"] if not args.labels and len(args.models) == 2 and args.models[0].endswith(
+        "pt/final") else [Path(m).parent.name if Path(m).name == "final" else Path(m).name for m in args.models]
+    args.labels = args.labels or default_labels
+    if len(args.labels) != len(args.models):
+        p.error(f"{len(args.labels)} labels for {len(args.models)} checkpoints")
+    tiny = not all(real)
+    args.batch_size = args.batch_size or (16 if tiny else ProbeConfig.batch_size)
+    args.epochs = args.epochs or (2 if tiny else ProbeConfig.epochs)
+    args.out = Path(args.out or run / "probe")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = device_and_dtype()
+    teachers = (TargetEncoders.from_pretrained(args.depth, args.seg, args.gen, dtype=dtype) if args.depth
+                else TargetEncoders.tiny(seed=args.seed, dtype=dtype)).to(device)  # train.py's tiny teachers
+    if args.coco_captions:
+        train_paths = coco_images(args.coco_captions, args.coco_images)
+        val_paths = coco_images(args.coco_val_captions, args.coco_val_images)
+    else:
+        train_paths, val_paths = builtin_images("train"), builtin_images("val")
+    train_paths, val_paths = train_paths[:args.max_train_images], val_paths[:args.max_val_images]
+    cfg = ProbeConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs)
+    print(f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val images, "
+          f"tasks {args.tasks}, {cfg}")
+    scores, trivial = {}, {}
+    for label, folder in zip(args.labels, args.models):
+        model, tok = load_model(folder, args.tokenizer, device=device, dtype=dtype)
+        model.requires_grad_(False).eval()
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        feats = {split: MLLMFeatures(model, tok, teachers, paths, args.tasks, cfg.batch_size, split == "train",
+                                     args.seed, args.num_workers)
+                 for split, paths in (("train", train_paths), ("val", val_paths))}
+        shapes = {t: (1 if t == "gen" else model.num_image_tokens, teachers.dims[t]) for t in args.tasks}
+        probes = Probes(model.llm.config.hidden_size, list(range(1, model.llm.config.n_layers + 1)), shapes,
+                        cfg.heads, cfg.dim_head).to(device)
+        print(f"{label} ({folder}): {len(probes.layers)} layers x {len(shapes)} tasks, "
+              f"{sum(p.numel() for p in probes.parameters()):,} probe parameters")
+        mean_targets = train_probes(probes, feats["train"], cfg)
+        s, trivial = evaluate(probes, feats["val"], mean_targets)
+        scores[label] = {t: {str(l): v for l, v in per_layer.items()} for t, per_layer in s.items()}
+        for t, per_layer in s.items():
+            best = max(per_layer, key=per_layer.get)
+            print(f"  {t:<5} cosine per layer: " + " ".join(f"{v:.3f}" for v in per_layer.values())
+                  + f"  (best layer {best}; mean-target level {trivial[t]:.3f})")
+        del model, probes, feats
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"scores": scores, "mean_target": trivial, "checkpoints": dict(zip(args.labels, args.models)),
+              "images": {"train": len(train_paths), "val": len(val_paths)}, "config": asdict(cfg)}
+    (args.out / "scores.json").write_text(json.dumps(result, indent=2))
+    plot(scores, trivial, args.out / "probe.png")
+    print(f"wrote {args.out / 'scores.json'} and {args.out / 'probe.png'}")
+
+
+if __name__ == "__main__":
+    main()
