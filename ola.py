@@ -1,8 +1,12 @@
-"""OLA-VLM from scratch (SPEC §1). Part 1 — the decoder LLM: Llama-3-8B(-Instruct) or Phi-3-mini-4k.
+"""OLA-VLM from scratch (SPEC §1-§2), in two parts.
 
-One `Block` class serves both; Phi-3 differs only in its checkpoint layout (fused `qkv_proj` /
-`gate_up_proj`, split by `LLM.from_pretrained`) and its sliding window. Numerics follow weights.md
-§2.1–2.2: RMSNorm in fp32, rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP.
+1. The decoder LLM: Llama-3-8B(-Instruct) or Phi-3-mini-4k. One `Block` class serves both; Phi-3
+   differs only in its checkpoint layout (fused `qkv_proj` / `gate_up_proj`, split by
+   `LLM.from_pretrained`) and its sliding window. Numerics follow weights.md §2.1–2.2: RMSNorm in
+   fp32, rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP.
+2. The MLLM (Sec. 4, Fig. 4): CLIP features -> mlp2x_gelu projector -> 576 image tokens spliced into
+   the sequence, followed by the special tokens <g>|<d>|<s>; during PT, embedding predictors read
+   chosen LLM layers and regress the target encoders' features (Eq. 1).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -374,11 +379,7 @@ class LLM(nn.Module):
         return load_strict(model, state, path, names).eval()
 
 
-# ============================================================================ OLA-VLM (Sec. 4)
-# The MLLM: CLIP features -> mlp2x_gelu projector -> 576 image tokens spliced into the
-# sequence, followed by the special tokens <g>|<d>|<s>; during PT, embedding predictors read
-# chosen LLM layers and regress the target encoders' features (Fig. 4, Eq. 1).
-
+# ============================================================================ 2. OLA-VLM (Sec. 4)
 TASKS = ("depth", "seg", "gen")
 # Segment ids recorded at splice time: which span each position belongs to (SPEC §2).
 PAD, TEXT, IMAGE, GEN, DEPTH, SEG = range(6)
@@ -422,10 +423,8 @@ class SeekTokens(nn.Module):
 
     def forward(self, task: str) -> torch.Tensor:
         """The task's N_seek sequence tokens, (8, H)."""
-        q = getattr(self, task)
-        if task == "gen":
-            return q
-        return q.view(self.num_seek, -1, q.shape[-1]).mean(1)  # average-pool Q into N_seek tokens
+        q = getattr(self, task)  # depth/seg: average-pool Q's 8 contiguous chunks into N_seek tokens
+        return q if task == "gen" else q.view(self.num_seek, -1, q.shape[-1]).mean(1)
 
 
 class EmbeddingPredictors(nn.Module):
@@ -441,8 +440,7 @@ class EmbeddingPredictors(nn.Module):
             str(l): PerceiverResampler(hidden, width[t], target_dims[t], depth=cfg.predictor_depth,
                                        heads=cfg.predictor_heads, dim_head=cfg.predictor_dim_head)
             for l in self.layer_sets[t]}) for t in TASKS})
-        self.logit_scales = nn.ParameterDict(
-            {t: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for t in TASKS})
+        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for t in TASKS})
 
     def predict(self, task: str, layer: int, hidden: torch.Tensor, segments: torch.Tensor,
                 tokens: SeekTokens) -> torch.Tensor:
@@ -484,11 +482,8 @@ class OLAOutput:
 
 class OLAVLM(nn.Module):
     """LLaVA-1.5-style MLLM with OLA-VLM's special tokens and embedding predictors (Fig. 4).
-
-    Components: `vision` (frozen CLIP), `projector` (mlp2x_gelu), `tokens` (<g>|<d>|<s>),
-    `llm`, and during PT `predictors`. `sources` records the weight folder each base
-    component came from (None = random init), so checkpoints can point at them.
-    """
+    Components: `vision` (frozen CLIP), `projector` (mlp2x_gelu), `tokens` (<g>|<d>|<s>), `llm`, and in PT
+    `predictors`. `sources`: the weight folder of each base component (None = random init), for checkpoints."""
 
     def __init__(self, cfg: OLAConfig, llm: LLM, vision: CLIPVision,
                  target_dims: dict[str, int] | None = None, sources: dict[str, str | None] | None = None):
@@ -500,8 +495,7 @@ class OLAVLM(nn.Module):
         self.projector = nn.Sequential(nn.Linear(C, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
         self.tokens = SeekTokens(self.num_image_tokens, H, cfg.num_seek_tokens)
         self.target_dims = target_dims
-        self.predictors = (EmbeddingPredictors(cfg, H, llm.config.n_layers, target_dims)
-                           if target_dims else None)
+        self.predictors = EmbeddingPredictors(cfg, H, llm.config.n_layers, target_dims) if target_dims else None
 
     # ------------------------------------------------------------------ sequence assembly
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -512,9 +506,8 @@ class OLAVLM(nn.Module):
 
     def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                images: torch.Tensor | None = None, left_pad: bool = False):
-        """Replace each IMAGE_TOKEN_INDEX by 576 image tokens + <g>|<d>|<s> (Sec. 4.1).
-
-        Returns inputs_embeds (B, T', H), attention mask, labels (-100 on inserted tokens) and
+        """Replace each IMAGE_TOKEN_INDEX by 576 image tokens + <g>|<d>|<s> (Sec. 4.1). Returns
+        inputs_embeds (B, T', H), attention mask, labels (-100 on inserted tokens) and
         `segments` (B, T'): the segment id of every position (PAD, TEXT, IMAGE, GEN, DEPTH, SEG).
         """
         dev = input_ids.device
@@ -523,8 +516,7 @@ class OLAVLM(nn.Module):
         special = torch.cat([self.tokens(t) for t in self.cfg.token_order]).to(text.dtype)   # (24, H)
         special_seg = torch.cat([torch.full((self.cfg.num_seek_tokens,), TASK_SEGMENT[t], device=dev)
                                  for t in self.cfg.token_order])
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
         rows, n_used = [], 0
         for b in range(input_ids.shape[0]):
             real = attention_mask[b].bool()
@@ -543,14 +535,10 @@ class OLAVLM(nn.Module):
             rows.append((emb, seg, lab))
         if feats is not None and n_used != len(feats):
             raise ValueError(f"{len(feats)} images for {n_used} <image> placeholders")
-        T = max(len(r[0]) for r in rows)
-        out_emb = text.new_zeros(len(rows), T, text.shape[-1])
-        out_seg = torch.full((len(rows), T), PAD, device=dev)
-        out_lab = torch.full((len(rows), T), IGNORE_INDEX, device=dev)
-        for b, (emb, seg, lab) in enumerate(rows):
-            sl = slice(T - len(emb), T) if left_pad else slice(0, len(emb))
-            out_emb[b, sl], out_seg[b, sl], out_lab[b, sl] = emb, seg, lab
-        return out_emb, out_seg != PAD, out_lab, out_seg
+        side = "left" if left_pad else "right"
+        emb, seg, lab = (pad_sequence(list(r), batch_first=True, padding_value=v, padding_side=side)
+                         for r, v in zip(zip(*rows), (0.0, PAD, IGNORE_INDEX)))   # zero embeddings on pads
+        return emb, seg != PAD, lab, seg
 
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
@@ -570,13 +558,12 @@ class OLAVLM(nn.Module):
         if distill:
             if has_image is None:
                 raise ValueError("PT forward needs has_image to align targets with samples")
-            rows = has_image.nonzero().flatten()
             full = {}  # (B, ...) targets; rows of text-only samples stay 0 and are masked by the losses
             for t in TASKS:
-                n = 1 if t == "gen" else self.num_image_tokens
-                full[t] = embeds.new_zeros(len(has_image), n, self.target_dims[t], dtype=torch.float32)
-                if t in targets:
-                    full[t] = full[t].index_copy(0, rows, targets[t].float())
+                full[t] = embeds.new_zeros(len(has_image), 1 if t == "gen" else self.num_image_tokens,
+                                           self.target_dims[t], dtype=torch.float32)
+                if t in targets:  # targets[t] has one row per image
+                    full[t] = full[t].index_copy(0, has_image.nonzero().flatten(), targets[t].float())
             emb, terms_emb, preds = self.predictors(out.hidden_states, segments, self.tokens, full,
                                                      has_image, keep_predictions)
             loss = loss + emb
@@ -591,10 +578,6 @@ class OLAVLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attn, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def drop_predictors(self) -> None:
-        """IFT and inference keep the (frozen) special tokens but not the predictors (Sec. 4.1)."""
-        self.predictors, self.target_dims = None, None
-
     @property
     def image_seq_len(self) -> int:
         """Positions one <image> placeholder becomes: 576 image tokens + 3 x 8 special tokens."""
@@ -607,8 +590,8 @@ class OLAVLM(nn.Module):
         Written to a temporary folder, then renamed: a checkpoint is never half-written."""
         from safetensors.torch import save_file
         folder, state = Path(folder), state if state is not None else self.state_dict()
-        stored = sorted(set(components) | {c for c in ("llm", "vision") if not self.sources.get(c)})
-        stored = [c for c in stored if getattr(self, c) is not None]
+        stored = [c for c in sorted(set(components) | {c for c in ("llm", "vision") if not self.sources.get(c)})
+                  if getattr(self, c) is not None]
         state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0] in stored}
         config = {"ola": asdict(self.cfg), "llm": asdict(self.llm.config), "vision": asdict(self.vision.config),
                   "target_dims": self.target_dims, "sources": self.sources, "stored": stored}
@@ -623,17 +606,20 @@ class OLAVLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", with_predictors: bool = True) -> "OLAVLM":
-        """Rebuild a model saved by `save`: base components from their source folders (or the
-        checkpoint), then every stored component, strictly."""
-        folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
+        """Rebuild a model saved by `save`: base components the checkpoint does not store from their
+        source folders, the others allocated uninitialised (meta device) and then loaded strictly."""
+        config = json.loads((Path(folder) / "config.json").read_text())
         sources, stored = config["sources"], config["stored"]
-        tuple_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["ola"].items()}
-        cfg = OLAConfig(**tuple_fields)
-        llm = (LLM.from_pretrained(sources["llm"], dtype=dtype, device=device) if sources.get("llm")
-               else LLM(LLMConfig(**config["llm"])))
-        vision = (CLIPVision.from_pretrained(sources["vision"], dtype=dtype) if sources.get("vision")
-                  else CLIPVision(CLIPVisionConfig(**config["vision"])))
+        cfg = OLAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["ola"].items()})
+
+        def empty(module_cls, module_cfg):
+            with torch.device("meta"):
+                module = module_cls(module_cfg)
+            return module.to_empty(device=device)
+        llm = (LLM.from_pretrained(sources["llm"], dtype=dtype, device=device) if "llm" not in stored
+               else empty(LLM, LLMConfig(**config["llm"])))
+        vision = (CLIPVision.from_pretrained(sources["vision"], dtype=dtype) if "vision" not in stored
+                  else empty(CLIPVision, CLIPVisionConfig(**config["vision"])))
         target_dims = config["target_dims"] if with_predictors else None
         model = cls(cfg, llm, vision, target_dims, sources).to(device=device, dtype=dtype)
         return model.load_components(folder)
@@ -649,31 +635,24 @@ class OLAVLM(nn.Module):
         return self
 
 
-def set_trainable(model: OLAVLM, stage: str) -> dict[str, tuple[int, int]]:
-    """Freeze / unfreeze per training stage (SPEC §4) and print trainable parameter counts.
-
-    pt : projector, predictors, special tokens, logit scales  (LLM, CLIP frozen)
-    vpt/ift : LLM and projector; CLIP and special tokens frozen; predictors dropped.
-    """
-    if stage not in ("pt", "vpt", "ift"):
-        raise ValueError(f"unknown stage {stage!r}: expected pt, vpt or ift")
-    if stage != "pt":
-        model.drop_predictors()
+def set_trainable(model: OLAVLM, stage: str, verbose: bool = True) -> dict[str, tuple[int, int]]:
+    """Freeze per stage (SPEC §4): pt trains projector, special tokens, predictors (+ logit scales);
+    vpt/ift train LLM and projector, drop the predictors and keep CLIP and the tokens frozen.
+    Returns (and prints) {component: (trainable, total) parameters}."""
     trainable = {"pt": ("projector", "tokens", "predictors"), "vpt": ("llm", "projector"),
-                 "ift": ("llm", "projector")}[stage]
-    model.requires_grad_(False)
+                 "ift": ("llm", "projector")}.get(stage)
+    if trainable is None:
+        raise ValueError(f"unknown stage {stage!r}: expected pt, vpt or ift")
+    if stage != "pt":  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
+        model.predictors = model.target_dims = None
     counts = {}
     for name in ("vision", "projector", "tokens", "llm", "predictors"):
-        module = getattr(model, name)
-        if module is None:
-            continue
-        module.requires_grad_(name in trainable)
-        n = sum(p.numel() for p in module.parameters())
-        counts[name] = (n if name in trainable else 0, n)
-    width = max(len(k) for k in counts)
-    print(f"stage {stage}: trainable parameters")
-    for name, (t, n) in counts.items():
-        print(f"  {name:<{width}}  {t:>14,} / {n:>14,}")
-    total_t, total = sum(t for t, _ in counts.values()), sum(n for _, n in counts.values())
-    print(f"  {'total':<{width}}  {total_t:>14,} / {total:>14,}")
+        if (module := getattr(model, name)) is not None:
+            module.requires_grad_(name in trainable)
+            n = sum(p.numel() for p in module.parameters())
+            counts[name] = (n if name in trainable else 0, n)
+    counts["total"] = tuple(map(sum, zip(*counts.values())))
+    if verbose:
+        print(f"stage {stage}: trainable / all parameters")
+        print("\n".join(f"  {k:<10} {t:>14,} / {n:>14,}" for k, (t, n) in counts.items()))
     return counts

@@ -142,6 +142,17 @@ def build_model(args, stage: str, tok: data.ChatTokenizer, teachers: TargetEncod
     return OLAVLM(OLAConfig(), llm, vision, dims, sources).to(device)
 
 
+def tokenizer_path(args, builtin: dict | None) -> Path:
+    """--tokenizer, else the built-in one (tiny), else tokenizer.json of the LLM folder (or of the
+    folder the --init checkpoint's LLM came from)."""
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    if args.preset == "tiny":
+        return builtin["tokenizer"] if builtin else data.builtin_dataset(BUILTIN)["tokenizer"]
+    llm = args.llm or json.loads((Path(args.init) / "config.json").read_text())["sources"]["llm"]
+    return Path(llm) / "tokenizer.json"
+
+
 def build_teachers(args, device, dtype) -> TargetEncoders:
     if args.preset == "tiny":
         return TargetEncoders.tiny(seed=args.seed).to(device=device, dtype=dtype)
@@ -236,12 +247,11 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         if dist.is_initialized():
             dist.barrier()
         builtin = data.builtin_dataset(BUILTIN)
-    tok_path = args.tokenizer or (builtin["tokenizer"] if builtin else Path(args.llm or "") / "tokenizer.json")
-    tok = data.ChatTokenizer(tok_path, template=PRESETS[args.preset][1])
+    tok = data.ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset][1])
     teachers = build_teachers(args, device, frozen) if stage == "pt" else None
     model = build_model(args, stage, tok, teachers, device, frozen if stage == "pt" else torch.float32)
     model.vision.to(frozen)
-    set_trainable(model, stage) if rank == 0 else set_trainable_quiet(model, stage)
+    set_trainable(model, stage, verbose=rank == 0)
     model.llm.gradient_checkpointing = args.grad_checkpointing
     records = args.data or builtin[stage if stage == "pt" else "ift"]
     dataset = data.LLaVADataset(records, args.image_folder or (builtin["images"] if builtin else None), tok,
@@ -352,13 +362,6 @@ def sync_context(wrapped, args, last: bool):
         wrapped.set_requires_gradient_sync(False)
         return nullcontext()
     return wrapped.no_sync()
-
-
-def set_trainable_quiet(model: OLAVLM, stage: str) -> None:
-    import contextlib
-    import io
-    with contextlib.redirect_stdout(io.StringIO()):
-        set_trainable(model, stage)
 
 
 def summarize(stage: str, history: list[dict], seen: int, seconds: float, final: Path, dataset) -> None:

@@ -185,3 +185,21 @@ def test_generate_appends_answer_tokens(model_and_teachers):
     first = model.generate(input_ids[:1, :int(mask[0].sum())], mask[:1, :int(mask[0].sum())], images[:1],
                            max_new_tokens=4)
     assert torch.equal(out[:1], first)
+
+
+def test_real_size_predictor_and_token_counts():
+    """Llama-3-8B sizes on the meta device: per-layer predictor sizes equal the hand counts of the
+    released heads (reference §2.2: depth 62.95M incl. its 3 unused-by-us 1024-d MLPs of 6.30M,
+    seg 14.17M, gen 7.87M) and the special tokens are 2·576·4096 + 8·4096."""
+    from ola import EmbeddingPredictors, SeekTokens
+    with torch.device("meta"):
+        predictors = EmbeddingPredictors(OLAConfig(), 4096, 32, {"depth": 1024, "seg": 1536, "gen": 1024})
+        tokens = SeekTokens(576, 4096, 8)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    mlps = 3 * (2 * 1024 * 1024 + 2 * 1024)
+    assert count(predictors.heads["depth"]["8"]) == 62_952_448 - mlps == 56_654_848
+    assert count(predictors.heads["seg"]["10"]) == 14_171_136
+    assert count(predictors.heads["gen"]["12"]) == 7_874_560
+    assert {t: sorted(map(int, predictors.heads[t])) for t in predictors.heads} == \
+        {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
+    assert count(tokens) == 2 * 576 * 4096 + 8 * 4096
