@@ -164,9 +164,11 @@ def wrap(model: OLAVLM, args, stage: str, device: torch.device):
     if not dist.is_initialized():
         return model
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         for block in model.llm.layers:
             fully_shard(block)
+        fully_shard(model.vision)  # its own group: frozen bf16 on GPUs, and a group needs one dtype
+        register_fsdp_forward_method(model.vision, "features")   # called instead of forward()
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -270,6 +272,9 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
     if total < 1:
         raise ValueError(f"{len(dataset)} samples give no optimizer step at global batch {batch_size}")
 
+    ckpt = latest_checkpoint(stage_dir) if args.resume else None
+    if ckpt is not None:  # model weights go in before sharding, optimizer state after
+        model.load_components(ckpt / "model")
     wrapped = wrap(model, args, stage, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -277,10 +282,8 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
 
     step = 0
-    ckpt = latest_checkpoint(stage_dir) if args.resume else None
     if ckpt is not None:
         trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-        model.load_components(ckpt / "model")
         load_optimizer_state(wrapped, optimizer, trainer["optimizer"], args)
         scheduler.load_state_dict(trainer["scheduler"])
         step = trainer["step"]
@@ -316,7 +319,8 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
             batch = to_device(batch, device)
             last = micro_step == accum - 1
             with sync_context(wrapped, args, last), autocast:
-                targets = teachers(batch["target_images"]) if teachers is not None and batch["has_image"].any() else None
+                # every rank computes the embedding losses every step (they all-gather), images or not
+                targets = teachers(batch["target_images"]) if teachers is not None else None
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
                               batch["has_image"], targets)
                 (out.loss / accum).backward()
