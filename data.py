@@ -320,7 +320,6 @@ def _questions(rng: random.Random, background: str, shapes: list[Shape]) -> list
     for a, b in _pairs(shapes, lambda s: s.size, 8):  # b is bigger
         p, q = rng.sample([a, b], 2)
         qa.append((f"Which is bigger, the {p.name} or the {q.name}?", f"The {b.name} is bigger."))
-    qa += [(q + MC_SUFFIX, a) for _, q, _, a in _multiple_choice(rng, shapes)]
     return qa
 
 
@@ -359,7 +358,7 @@ def _conversation(qa: list[tuple[str, str]]) -> list[dict]:
 
 
 def builtin_dataset(root: str | os.PathLike = "data_cache/builtin", seed: int = 0, n_pt: int = 300,
-                    n_ift: int = 300, n_val: int = 100, vocab_size: int = 1000) -> dict[str, Path]:
+                    n_ift: int = 500, n_val: int = 100, vocab_size: int = 1000) -> dict[str, Path]:
     """Write (once) the built-in image-text set in LLaVA layout and return its paths:
     {"root", "images", "pt" (558K-like captions), "ift" (665K-like multi-turn QA, 10% text-only),
     "qa_val" (CV-Bench-style jsonl: id, image, task, question, choices, answer "(X)"),
@@ -394,8 +393,12 @@ def builtin_dataset(root: str | os.PathLike = "data_cache/builtin", seed: int = 
                     record.update(task=task, type="2D", source="builtin", question=prompt.split(" Select")[0],
                                   choices=choices, prompt=prompt, answer=answer)
                 else:
-                    qa = ([(rng.choice(PT_PROMPTS), _caption(rng, background, shapes))] if split == "pt" else
-                          rng.sample(_questions(rng, background, shapes), rng.randint(1, 4)))
+                    if split == "pt":
+                        qa = [(rng.choice(PT_PROMPTS), _caption(rng, background, shapes))]
+                    else:  # 1-3 free-form turns and one CV-Bench-style multiple-choice turn, in random order
+                        qa = rng.sample(_questions(rng, background, shapes), rng.randint(1, 3))
+                        _, prompt, _, answer = rng.choice(_multiple_choice(rng, shapes))
+                        qa.insert(rng.randint(0, len(qa)), (prompt + MC_SUFFIX, answer))
                     q = qa[0][0]  # LLaVA files put <image> before or after the first question
                     qa[0] = (f"{IMAGE_TOKEN}\n{q}" if rng.random() < 0.7 else f"{q}\n{IMAGE_TOKEN}", qa[0][1])
                     record["conversations"] = _conversation(qa)

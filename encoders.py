@@ -277,7 +277,8 @@ class CLIPVision(nn.Module):
         self.grid = c.image_size // c.patch_size
         self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, c.patch_size, bias=False)
         self.class_embedding = nn.Parameter(0.02 * torch.randn(c.hidden_size))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(self.grid ** 2 + 1, c.hidden_size))
+        # unit-scale positions in random (tiny) towers so patch tokens carry where they are, as trained CLIP's do
+        self.pos_embed = nn.Parameter(torch.randn(self.grid ** 2 + 1, c.hidden_size))
         self.pre_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.blocks = nn.ModuleList(
             ViTBlock(c.hidden_size, c.n_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps, layerscale=False)
@@ -615,10 +616,9 @@ class TargetEncoders(nn.Module):
 
     def preprocess(self, square_img: Image.Image) -> dict[str, torch.Tensor]:
         """The square view (SPEC §1) at each teacher's size -> {task: (3, S_task, S_task)}"""
-        c = self.config
-        return {"depth": resize_normalize(square_img, c.depth_size, IMAGENET_MEAN, IMAGENET_STD),
-                "seg": resize_normalize(square_img, c.seg_size, IMAGENET_MEAN, IMAGENET_STD),
-                "gen": resize_normalize(square_img, c.gen.image_size, CLIP_MEAN, CLIP_STD)}
+        return {"depth": resize_normalize(square_img, self.config.depth_size),        # ImageNet mean/std
+                "seg": resize_normalize(square_img, self.config.seg_size),
+                "gen": resize_normalize(square_img, self.config.gen.image_size, CLIP_MEAN, CLIP_STD)}
 
     @torch.no_grad()
     def forward(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

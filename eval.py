@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import data
 from encoders import TargetEncoders, clip_preprocess, square_view
@@ -38,7 +39,8 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(folder: str | Path, tokenizer: str | Path | None = None, with_predictors: bool = False,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[OLAVLM, data.ChatTokenizer]:
+               device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[OLAVLM, data.ChatTokenizer]:
     """An OLA checkpoint (train.py's `final`) in eval mode, and its tokenizer + chat template.
 
     Checkpoints do not record their tokenizer: default = the LLM source folder's tokenizer.json,
@@ -144,7 +146,10 @@ def accuracy(rows: list[dict]) -> float | None:
 def metrics(rows: list[dict]) -> dict:
     """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (SPEC §6):
     2D = mean(acc ADE20K, acc COCO), 3D = acc Omni3D, Overall = (2D + 3D) / 2 (None when absent)."""
-    by = lambda key: {v: accuracy([r for r in rows if r[key] == v]) for v in sorted({str(r[key]) for r in rows})}
+    def by(key: str) -> dict[str, float]:
+        groups = sorted({str(r[key]) for r in rows})
+        return {g: accuracy([r for r in rows if str(r[key]) == g]) for g in groups}
+
     sources = by("source")
     two_d = [sources[s] for s in ("ADE20K", "COCO") if s in sources]
     cv = {"2D": sum(two_d) / len(two_d) if two_d else None, "3D": sources.get("Omni3D")}
@@ -156,7 +161,6 @@ def metrics(rows: list[dict]) -> dict:
 def run_questions(model: OLAVLM, tok: data.ChatTokenizer, records: list[dict], image_root: str | Path,
                   batch_size: int = 8, max_new_tokens: int = 128) -> list[dict]:
     """Greedy answers to question + MC_SUFFIX (SPEC §6), batched, scored per sample."""
-    from tqdm import tqdm
     rows = []
     for i in tqdm(range(0, len(records), batch_size), desc="answering", dynamic_ncols=True):
         chunk = records[i:i + batch_size]
@@ -193,7 +197,7 @@ class Streamer:
         if self.done:
             return
         self.ids.append(i)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids).strip()   # as `answer` returns it
         if text.endswith("\ufffd"):            # half of a multi-byte character: wait for the rest
             return
         self.stream.write(text[len(self.shown):])
@@ -223,7 +227,7 @@ def predicted_features(model: OLAVLM, tok: data.ChatTokenizer, teachers: TargetE
     targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square).items()})
     ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
     out = model(ids, torch.ones_like(ids, dtype=torch.bool), images=pixels[None].to(device),
-                has_image=torch.tensor([True], device=device), targets=targets, keep_predictions=True)
+                has_image=torch.tensor([True], device=device), targets=targets)
     return square, {(t, l): (p[0].float(), targets[t][0].float()) for (t, l), p in out.predictions.items()}
 
 

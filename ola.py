@@ -455,9 +455,9 @@ class EmbeddingPredictors(nn.Module):
         return self.heads[task][str(layer)](hidden, latents, keys)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], segments: torch.Tensor, tokens: SeekTokens,
-                targets: dict[str, torch.Tensor], valid: torch.Tensor, keep_predictions: bool = False):
-        """Sum of λ·L_emb over every task and layer (Eq. 1), every term for logging, and optionally
-        the predictions. `targets[task]` is (B, ...) with rows of samples without an image ignored."""
+                targets: dict[str, torch.Tensor], valid: torch.Tensor):
+        """Sum of λ·L_emb over every task and layer (Eq. 1), every term for logging, and the (detached)
+        predictions. `targets[task]` is (B, ...) with rows of samples without an image ignored."""
         total, terms, preds = 0.0, {}, {}
         for t in TASKS:
             for l in self.layer_sets[t]:
@@ -465,9 +465,7 @@ class EmbeddingPredictors(nn.Module):
                 emb, sl1, con = embedding_loss(pred, targets[t], self.logit_scales[t], valid,
                                                contrastive_weight=self.cfg.contrastive_weight)
                 total = total + self.cfg.emb_loss_weight * emb
-                terms[f"{t}@{l}/sl1"], terms[f"{t}@{l}/con"] = sl1.detach(), con.detach()
-                if keep_predictions:
-                    preds[(t, l)] = pred.detach()
+                terms[f"{t}@{l}/sl1"], terms[f"{t}@{l}/con"], preds[(t, l)] = sl1.detach(), con.detach(), pred.detach()
         return total, terms, preds
 
 
@@ -491,6 +489,7 @@ class OLAVLM(nn.Module):
         self.cfg, self.sources = cfg, dict(sources or {"llm": None, "vision": None})
         H, C = llm.config.hidden_size, vision.config.hidden_size
         self.num_image_tokens = (vision.config.image_size // vision.config.patch_size) ** 2  # 576
+        self.image_seq_len = self.num_image_tokens + len(cfg.token_order) * cfg.num_seek_tokens  # one <image>: 576 + 24
         self.vision, self.llm = vision.requires_grad_(False), llm
         self.projector = nn.Sequential(nn.Linear(C, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
         self.tokens = SeekTokens(self.num_image_tokens, H, cfg.num_seek_tokens)
@@ -543,8 +542,7 @@ class OLAVLM(nn.Module):
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
-                targets: dict[str, torch.Tensor] | None = None, keep_predictions: bool = False,
-                output_hidden_states: bool = False) -> OLAOutput:
+                targets: dict[str, torch.Tensor] | None = None, output_hidden_states: bool = False) -> OLAOutput:
         """L_PT = L_NTP + Σ_task Σ_{l ∈ layer set} λ·L_emb (Eq. 1). `targets[task]` has one row per
         image (TargetEncoders output); without targets or predictors only L_NTP is computed."""
         embeds, attn, labels, segments = self.splice(input_ids, attention_mask, labels, images)
@@ -556,7 +554,7 @@ class OLAVLM(nn.Module):
         ntp = ntp_loss(out.logits, labels[:, 1:][shift])
         loss, terms, preds = ntp, {"ntp": ntp.detach()}, {}
         if distill:
-            if has_image is None:
+            if has_image is None:  # targets come one row per image
                 raise ValueError("PT forward needs has_image to align targets with samples")
             full = {}  # (B, ...) targets; rows of text-only samples stay 0 and are masked by the losses
             for t in TASKS:
@@ -564,8 +562,7 @@ class OLAVLM(nn.Module):
                                            self.target_dims[t], dtype=torch.float32)
                 if t in targets:  # targets[t] has one row per image
                     full[t] = full[t].index_copy(0, has_image.nonzero().flatten(), targets[t].float())
-            emb, terms_emb, preds = self.predictors(out.hidden_states, segments, self.tokens, full,
-                                                     has_image, keep_predictions)
+            emb, terms_emb, preds = self.predictors(out.hidden_states, segments, self.tokens, full, has_image)
             loss = loss + emb
             terms.update(terms_emb, emb=emb.detach())
         return OLAOutput(loss, terms, preds, out.hidden_states if output_hidden_states else None, segments)
@@ -578,11 +575,6 @@ class OLAVLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attn, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def image_seq_len(self) -> int:
-        """Positions one <image> placeholder becomes: 576 image tokens + 3 x 8 special tokens."""
-        return self.num_image_tokens + len(self.cfg.token_order) * self.cfg.num_seek_tokens
-
     def save(self, folder: str | os.PathLike, components: tuple[str, ...],
              state: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json + model.safetensors holding `components` (and every base component

@@ -13,7 +13,10 @@ and target: how much of the teacher's visual information that layer holds in a r
         --gen weights/stable-diffusion-2-1-unclip/image_encoder \
         --coco-captions coco/annotations/captions_train2017.json --coco-images coco/train2017 \
         --coco-val-captions coco/annotations/captions_val2017.json --coco-val-images coco/val2017 \
-        --batch-size 256 --epochs 1 --out runs/probe
+        --tasks depth --batch-size 32 --out runs/probe/depth
+
+One process, one device: the hidden states of every layer are kept for each batch, so at 8B
+probe one task at a time (--tasks) with a --batch-size that fits (the paper: 8 GPUs x 32).
 
 Differences from the released probing code (official §6, §10): it crashes before training
 (unpacking bug, undefined fields); its probes also attend to padding; it inserts the special
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,18 +34,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from encoders import TargetEncoders, clip_preprocess, square_view
-from eval import BUILTIN, DEFAULT_RUN, device_and_dtype, load_model, prompt_ids
+from encoders import TargetEncoders
+from eval import BUILTIN, DEFAULT_RUN, device_and_dtype, image_pixels, load_model, prompt_ids
+from ola import PAD
 from resampler import PerceiverResampler
 from train import cosine_schedule
 
 PROMPT = "Describe the image in two lines."  # the probing prompt (official §6), empty answer
 TASKS = ("depth", "seg", "gen")
+# The tiny run (570 built-in images, random teachers) gets more steps and a larger learning rate,
+# as train.py's TINY does: at lr 1e-3 its gen probes cannot even reach the mean-target level.
+TINY = dict(lr=1e-2, batch_size=16, epochs=3)
 
 
 @dataclass
@@ -121,7 +126,8 @@ def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None):
+def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None
+             ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """Mean over images of cosine(prediction, target) per task and layer -> {task: {layer: score}},
     and, given `mean_targets`, the same score of the constant mean-target predictor -> {task: score}."""
     probes.eval()
@@ -144,9 +150,9 @@ def autocast(device: torch.device):
 
 
 # ----------------------------------------------------------------------------- data
-def builtin_images(split: str) -> list[Path]:
-    """The built-in set's images: 'train' = those of pt.json + ift.json, 'val' = those of qa_val."""
-    paths = data.builtin_dataset(BUILTIN)
+def builtin_images(paths: dict[str, Path], split: str) -> list[Path]:
+    """The built-in set's (`data.builtin_dataset`) unique images: 'train' = those of pt.json and
+    ift.json, 'val' = those of the held-out qa_val.jsonl."""
     files = ([r["image"] for r in data.read_records(paths["qa_val"])] if split == "val" else
              [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r])
     return [paths["images"] / f for f in dict.fromkeys(files)]
@@ -163,21 +169,18 @@ def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
 
 
 class ProbeImages(Dataset):
-    """Image path -> (CLIP pixels (3, S, S), teacher pixels {task: (3, s, s)}) of one square view."""
+    """Image path -> (CLIP pixels (3, S, S), teacher pixels {task: (3, s, s)}) of the same square
+    view: padded, the view of inference (SPEC §4), for PT and IFT checkpoints alike."""
 
-    def __init__(self, paths: list[Path], image_size: int, teachers: TargetEncoders, view: str = "pad"):
-        self.paths, self.image_size, self.teachers, self.view = paths, image_size, teachers, view
+    def __init__(self, paths: list[Path], image_size: int, teachers: TargetEncoders):
+        self.paths, self.image_size, self.teachers = paths, image_size, teachers
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            with Image.open(self.paths[i]) as img:
-                square = square_view(img.convert("RGB"), self.view)
-        except OSError as e:
-            raise ValueError(f"cannot read probe image {self.paths[i]}: {e}") from None
-        return clip_preprocess(square, self.image_size), self.teachers.preprocess(square)
+        square, pixels = image_pixels(self.paths[i], self.image_size, view="pad")
+        return pixels, self.teachers.preprocess(square)
 
 
 @torch.no_grad()
@@ -220,7 +223,7 @@ class MLLMFeatures:
                 if t != "gen" and y.shape[1] != self.model.num_image_tokens:
                     raise ValueError(f"{t} teacher gives {y.shape[1]} tokens, the MLLM {self.model.num_image_tokens} "
                                      f"image tokens: a spatial teacher's grid must match the base encoder's (SPEC §1)")
-            yield ProbeBatch(out.hidden_states, out.segments != 0, targets)     # 0 = PAD segment
+            yield ProbeBatch(out.hidden_states, out.segments != PAD, targets)
 
 
 # ----------------------------------------------------------------------------- plot
@@ -265,8 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-images", type=int)
     p.add_argument("--max-val-images", type=int)
     p.add_argument("--batch-size", type=int, help="default 256 (tiny: 16)")
-    p.add_argument("--epochs", type=int, help="default 1 (tiny: 2)")
-    p.add_argument("--lr", type=float, default=ProbeConfig.lr)
+    p.add_argument("--epochs", type=int, help="default 1 (tiny: 3)")
+    p.add_argument("--lr", type=float, help="default 1e-3 (tiny: 1e-2)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
     p.add_argument("--out", help="output folder (default <run>/probe)")
@@ -282,14 +285,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown task(s) {sorted(unknown)}: expected a comma list of {', '.join(TASKS)}")
     run = Path(args.run)
     args.models = args.models or [str(run / "pt" / "final"), str(run / "ift" / "final")]
-    default_labels = ["PT", "IFT"] if not args.labels and len(args.models) == 2 and args.models[0].endswith(
-        "pt/final") else [Path(m).parent.name if Path(m).name == "final" else Path(m).name for m in args.models]
-    args.labels = args.labels or default_labels
-    if len(args.labels) != len(args.models):
-        p.error(f"{len(args.labels)} labels for {len(args.models)} checkpoints")
-    tiny = not all(real)
-    args.batch_size = args.batch_size or (16 if tiny else ProbeConfig.batch_size)
-    args.epochs = args.epochs or (2 if tiny else ProbeConfig.epochs)
+    if not args.labels:  # <run>/pt/final -> "PT"; the full paths if that is ambiguous
+        args.labels = [Path(m).parent.name.upper() if Path(m).name == "final" else Path(m).name for m in args.models]
+        args.labels = args.labels if len(set(args.labels)) == len(args.labels) else args.models
+    if len(args.labels) != len(args.models) or len(set(args.labels)) != len(args.labels):
+        p.error(f"--labels must give {len(args.models)} distinct names, one per checkpoint")
+    defaults = TINY if not all(real) else asdict(ProbeConfig())
+    for k in ("lr", "batch_size", "epochs"):
+        setattr(args, k, getattr(args, k) or defaults[k])
     args.out = Path(args.out or run / "probe")
     return args
 
@@ -303,7 +306,8 @@ def main(argv=None) -> None:
         train_paths = coco_images(args.coco_captions, args.coco_images)
         val_paths = coco_images(args.coco_val_captions, args.coco_val_images)
     else:
-        train_paths, val_paths = builtin_images("train"), builtin_images("val")
+        builtin = data.builtin_dataset(BUILTIN)
+        train_paths, val_paths = builtin_images(builtin, "train"), builtin_images(builtin, "val")
     train_paths, val_paths = train_paths[:args.max_train_images], val_paths[:args.max_val_images]
     cfg = ProbeConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs)
     print(f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val images, "
@@ -313,13 +317,12 @@ def main(argv=None) -> None:
         model, tok = load_model(folder, args.tokenizer, device=device, dtype=dtype)
         model.requires_grad_(False).eval()
         torch.manual_seed(args.seed)
-        random.seed(args.seed)
         feats = {split: MLLMFeatures(model, tok, teachers, paths, args.tasks, cfg.batch_size, split == "train",
                                      args.seed, args.num_workers)
                  for split, paths in (("train", train_paths), ("val", val_paths))}
         shapes = {t: (1 if t == "gen" else model.num_image_tokens, teachers.dims[t]) for t in args.tasks}
-        probes = Probes(model.llm.config.hidden_size, list(range(1, model.llm.config.n_layers + 1)), shapes,
-                        cfg.heads, cfg.dim_head).to(device)
+        layers = list(range(1, model.llm.config.n_layers + 1))   # block outputs; the last one after the final norm
+        probes = Probes(model.llm.config.hidden_size, layers, shapes, cfg.heads, cfg.dim_head).to(device)
         print(f"{label} ({folder}): {len(probes.layers)} layers x {len(shapes)} tasks, "
               f"{sum(p.numel() for p in probes.parameters()):,} probe parameters")
         mean_targets = train_probes(probes, feats["train"], cfg)

@@ -39,7 +39,7 @@ STAGES = {
 }
 # The built-in tiny model trains in minutes on a CPU; its own (larger) learning rates and batches.
 TINY = dict(pt=dict(lr=2e-3, batch_size=16, epochs=6), vpt=dict(lr=1e-3, batch_size=16, epochs=6),
-            ift=dict(lr=1e-3, batch_size=16, epochs=6))
+            ift=dict(lr=1e-3, batch_size=16, epochs=8))
 BUILTIN = Path("data_cache/builtin")
 PRESETS = {"tiny": ("tiny", "llama3"), "llama3-8b": ("llama3-8b", "llama3"), "phi3-mini": ("phi3-mini-4k", "phi3")}
 
