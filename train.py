@@ -15,14 +15,12 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -41,7 +39,7 @@ STAGES = {
 TINY = dict(pt=dict(lr=2e-3, batch_size=16, epochs=6), vpt=dict(lr=1e-3, batch_size=16, epochs=6),
             ift=dict(lr=1e-3, batch_size=16, epochs=8))
 BUILTIN = Path("data_cache/builtin")
-PRESETS = {"tiny": ("tiny", "llama3"), "llama3-8b": ("llama3-8b", "llama3"), "phi3-mini": ("phi3-mini-4k", "phi3")}
+PRESETS = {"tiny": "llama3", "llama3-8b": "llama3", "phi3-mini": "phi3"}   # preset -> chat template (SPEC §4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,12 +109,6 @@ def all_mean(x: torch.Tensor) -> float:
     return x.item()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------- model
 def build_model(args, stage: str, tok: data.ChatTokenizer, teachers: TargetEncoders | None,
                 device: torch.device, dtype: torch.dtype) -> OLAVLM:
@@ -129,7 +121,7 @@ def build_model(args, stage: str, tok: data.ChatTokenizer, teachers: TargetEncod
             model = OLAVLM(model.cfg, model.llm.to(dtype), model.vision, dims, model.sources).to(device)
         return model
     if args.preset == "tiny":
-        seed_everything(args.seed)
+        torch.manual_seed(args.seed)
         llm = LLM(replace(LLMConfig.preset("tiny"), vocab_size=tok.vocab_size,
                           bos_token_id=tok.bos_ids[0] if tok.bos_ids else None,
                           eos_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id))
@@ -175,19 +167,13 @@ def wrap(model: OLAVLM, args, stage: str, device: torch.device):
                find_unused_parameters=stage != "pt")  # IFT batches may be text-only: projector unused
 
 
-def full_state(model, args) -> dict[str, torch.Tensor] | None:
-    """The unsharded model state on CPU (collective under FSDP2; other ranks get it too)."""
+def gather_states(model, optimizer, args) -> tuple[dict | None, dict]:
+    """Model and optimizer states to save. Under FSDP2: unsharded on CPU (a collective: every rank calls it);
+    otherwise (None = the model's own state_dict, the optimizer's state_dict)."""
     if args.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
-
-
-def optimizer_state(model, optimizer, args) -> dict:
-    if args.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None, optimizer.state_dict()
 
 
 def load_optimizer_state(model, optimizer, state: dict, args) -> None:
@@ -209,8 +195,7 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 def save_checkpoint(folder: Path, model: OLAVLM, wrapped, optimizer, scheduler, step: int, loader_state: dict,
                     stage: str, args, rank: int) -> None:
     """model/ (OLA checkpoint) + trainer.pt, written to <folder>.tmp then renamed."""
-    state = full_state(wrapped, args)
-    opt = optimizer_state(wrapped, optimizer, args)
+    state, opt = gather_states(wrapped, optimizer, args)
     if rank != 0:
         return
     tmp = folder.with_name(folder.name + ".tmp")
@@ -218,18 +203,11 @@ def save_checkpoint(folder: Path, model: OLAVLM, wrapped, optimizer, scheduler, 
     tmp.mkdir(parents=True)
     model.save(tmp / "model", STAGES[stage]["stored"], state=state)
     torch.save({"optimizer": opt, "scheduler": scheduler.state_dict(), "step": step, "loader": loader_state,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                "args": vars(args) | {"out": str(args.out)}}, tmp / "trainer.pt")
+                "rng": torch.get_rng_state(), "args": vars(args)}, tmp / "trainer.pt")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    old = sorted(folder.parent.glob("step_*[0-9]"))[:-args.keep]
-    for f in old:
-        shutil.rmtree(f, ignore_errors=True)
-
-
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    found = sorted(stage_dir.glob("step_*[0-9]"))
-    return found[-1] if found else None
+    for old in sorted(folder.parent.glob("step_*[0-9]"))[:-args.keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -249,7 +227,7 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         if dist.is_initialized():
             dist.barrier()
         builtin = data.builtin_dataset(BUILTIN)
-    tok = data.ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset][1])
+    tok = data.ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset])
     teachers = build_teachers(args, device, frozen) if stage == "pt" else None
     model = build_model(args, stage, tok, teachers, device, frozen if stage == "pt" else torch.float32)
     model.vision.to(frozen)
@@ -272,7 +250,8 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
     if total < 1:
         raise ValueError(f"{len(dataset)} samples give no optimizer step at global batch {batch_size}")
 
-    ckpt = latest_checkpoint(stage_dir) if args.resume else None
+    ckpts = sorted(stage_dir.glob("step_*[0-9]")) if args.resume else []
+    ckpt = ckpts[-1] if ckpts else None
     if ckpt is not None:  # model weights go in before sharding, optimizer state after
         model.load_components(ckpt / "model")
     wrapped = wrap(model, args, stage, device)
@@ -288,9 +267,7 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         scheduler.load_state_dict(trainer["scheduler"])
         step = trainer["step"]
         loader.load_state_dict(trainer["loader"])
-        torch.set_rng_state(trainer["rng"]["torch"])
-        np.random.set_state(trainer["rng"]["numpy"])
-        random.setstate(trainer["rng"]["python"])
+        torch.set_rng_state(trainer["rng"])
         if rank == 0:
             print(f"resumed {stage} from {ckpt} at step {step}")
     elif stage_dir.exists() and rank == 0 and not args.resume:
@@ -359,13 +336,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def sync_context(wrapped, args, last: bool):
-    """Skip the gradient all-reduce on every micro-step but the last of an accumulation."""
-    if not dist.is_initialized() or last:
+    """Reduce gradients across ranks only on the last micro-step of an accumulation."""
+    if not dist.is_initialized():
         return nullcontext()
     if args.fsdp:
-        wrapped.set_requires_gradient_sync(False)
+        wrapped.set_requires_gradient_sync(last)
         return nullcontext()
-    return wrapped.no_sync()
+    return nullcontext() if last else wrapped.no_sync()
 
 
 def summarize(stage: str, history: list[dict], seen: int, seconds: float, final: Path, dataset) -> None:

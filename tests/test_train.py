@@ -74,12 +74,13 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(workdir):
 
 
 def test_fsdp2_ift_step_matches_ddp(workdir):
-    """FSDP2 (fully_shard per decoder block) on 2 gloo ranks gives the DDP losses."""
+    """FSDP2 (fully_shard per decoder block) on 2 gloo ranks gives the DDP losses, with gradient
+    accumulation (2 micro-batches of 2 per rank: the reduce happens on the last one only)."""
     init = str(workdir / "one" / "pt" / "final") if (workdir / "one").exists() else None
     if init is None:
         run(["--stage", "pt", "--max-steps", "2", "--out", "one"], workdir)
         init = str(workdir / "one" / "pt" / "final")
-    args = ["--stage", "ift", "--max-steps", "2", "--init", init]
+    args = ["--stage", "ift", "--max-steps", "3", "--micro-batch-size", "2", "--init", init]
     run(args + ["--out", "ddp"], workdir, nproc=2)
     run(args + ["--out", "fsdp", "--fsdp"], workdir, nproc=2)
     assert_same_losses(metrics(workdir / "ddp" / "ift"), metrics(workdir / "fsdp" / "ift"), tol=1e-5)
