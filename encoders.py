@@ -1,9 +1,6 @@
-"""Vision encoders from scratch: the base encoder (CLIP ViT) and the three frozen target
-encoders of OLA-VLM (SPEC §1): DINOv2 (depth), Swin (seg), CLIP ViT-H (gen).
-
-Also home of the checkpoint reader every `from_pretrained` in this project uses
-(safetensors, sharded safetensors, or pytorch_model.bin; strict key checks).
-"""
+"""Vision encoders from scratch: the base encoder (CLIP ViT) and the three frozen target encoders of OLA-VLM
+(SPEC §1): DINOv2 (depth), Swin (seg), CLIP ViT-H (gen). Also home of the checkpoint reader every
+`from_pretrained` in this project uses (safetensors, sharded safetensors, or pytorch_model.bin; strict key checks)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 # Buffers that old checkpoint files carry but that we recompute (SPEC §7): skipped by name.
 SKIPPED_BUFFERS = ("position_ids", "relative_position_index", "rotary_emb.inv_freq")
@@ -32,53 +30,39 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
+        return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
             return [path / name]
-    found = sorted(path.glob("*.safetensors"))
-    if found:
+    if found := sorted(path.glob("*.safetensors")):
         return found
-    raise FileNotFoundError(
-        f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
-        f"(+ shards) or pytorch_model.bin")
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
+                            f"(+ shards) or pytorch_model.bin")
 
 
 def read_state_dict(path: str | os.PathLike, keep=lambda key: True) -> dict[str, torch.Tensor]:
-    """Read the tensors whose key passes `keep` (others are never loaded from disk).
-
-    safetensors files are read lazily key by key; `.bin`/`.pth` files go through
-    `torch.load(weights_only=True)` (a `{"model": ...}` / `{"state_dict": ...}` wrapper is unwrapped).
-    Keys ending in one of SKIPPED_BUFFERS are dropped.
-    """
-    from safetensors import safe_open
-
+    """The tensors whose key passes `keep` and does not end in one of SKIPPED_BUFFERS: safetensors read lazily
+    key by key, `.bin`/`.pth` via torch.load(weights_only=True) (a {"model"|"state_dict": ...} wrapper unwrapped)."""
+    wanted = lambda k: keep(k) and not k.endswith(SKIPPED_BUFFERS)
     out: dict[str, torch.Tensor] = {}
     for f in checkpoint_files(path):
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    if keep(k) and not k.endswith(SKIPPED_BUFFERS):
-                        out[k] = sf.get_tensor(k)
+                out.update({k: sf.get_tensor(k) for k in sf.keys() if wanted(k)})
         else:
             sd = torch.load(f, map_location="cpu", weights_only=True)
             for wrapper in ("model", "state_dict"):
                 if isinstance(sd.get(wrapper), dict):
                     sd = sd[wrapper]
-            out.update({k: v for k, v in sd.items() if keep(k) and not k.endswith(SKIPPED_BUFFERS)})
+            out.update({k: v for k, v in sd.items() if wanted(k)})
     return out
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
                 names: dict[str, str] | None = None) -> nn.Module:
-    """Copy `state` (our key names) into `module`; any missing, unexpected or mis-shaped key
-    raises one error that lists each key with expected and found shapes.
-
-    `names` maps our key -> the checkpoint's key, so errors name both.
-    """
-    names = names or {}
-    ours = {k: v for k, v in module.state_dict().items()}
+    """Copy `state` (our key names) into `module`; every missing, unexpected or mis-shaped key is listed, with
+    expected and found shapes, in one ValueError. `names` (our key -> checkpoint key) lets it name both."""
+    names, ours = names or {}, module.state_dict()
     label = lambda k: f"{k} (checkpoint key {names[k]})" if k in names and names[k] != k else k
     problems = [f"  missing    {label(k)}: expected {list(v.shape)}" for k, v in ours.items() if k not in state]
     problems += [f"  unexpected {label(k)}: found {list(v.shape)}" for k, v in state.items() if k not in ours]
@@ -92,8 +76,33 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str |
     return module
 
 
-# --------------------------------------------------------------------------- preprocessing
-# PIL image -> normalised (3, S, S) tensor. Every encoder sees the same square view (SPEC §1).
+def _config_json(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint folder, or the one next to a weights file."""
+    path = Path(path)
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"no config.json next to the checkpoint {path} (expected {cfg})")
+    return json.loads(cfg.read_text())
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    """Our key -> checkpoint key by the first matching (ours, theirs) prefix rule; {i}, {j} are indices."""
+    for ours, theirs in rules:
+        pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        if m := re.match(pattern + "(?P<rest>.*)$", key):
+            return theirs.format(**m.groupdict()) + m["rest"]
+    raise KeyError(f"no checkpoint name for parameter {key}")
+
+
+def _load(module: nn.Module, path, rules: list[tuple[str, str]], keep, dtype, prefix: str = "") -> nn.Module:
+    """Strictly load the checkpoint keys that pass `keep` into `module` via the key table `rules` (+ prefix)."""
+    names = {k: prefix + _rename(k, rules) for k in module.state_dict()}
+    ours = {theirs: k for k, theirs in names.items()}
+    state = {ours.get(k, k): v for k, v in read_state_dict(path, keep).items()}
+    return load_strict(module, state, path, names).to(dtype).eval()
+
+
+# --------------------------------------------------------------------------- preprocessing: PIL -> (3, S, S) tensor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -161,47 +170,21 @@ class Attention(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-LN block: x + ls1·attn(norm1(x)), then x + ls2·fc2(act(fc1(norm2(x)))); LayerScale only in DINOv2."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_dim: int, act: str, eps: float, layerscale: bool):
+    def __init__(self, dim: int, n_heads: int, mlp_dim: int, act: str, eps: float, layerscale: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, n_heads)
         self.fc1, self.fc2, self.act = nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim), ACTIVATIONS[act]
-        self.ls1 = nn.Parameter(torch.ones(dim)) if layerscale else None
-        self.ls2 = nn.Parameter(torch.ones(dim)) if layerscale else None
+        self.ls1, self.ls2 = (nn.Parameter(torch.ones(dim)) for _ in range(2)) if layerscale else (None, None)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm1(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.norm1(x))
+        a = self.attend(x)
         x = x + (a if self.ls1 is None else a * self.ls1)
         m = self.fc2(self.act(self.fc1(self.norm2(x))))
         return x + (m if self.ls2 is None else m * self.ls2)
-
-
-# --------------------------------------------------------------------------- loading
-def _config_json(path: str | os.PathLike) -> dict:
-    """config.json of a checkpoint folder, or the one next to a weights file."""
-    path = Path(path)
-    cfg = (path if path.is_dir() else path.parent) / "config.json"
-    if not cfg.exists():
-        raise FileNotFoundError(f"no config.json next to the checkpoint {path} (expected {cfg})")
-    return json.loads(cfg.read_text())
-
-
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
-    """Our key -> checkpoint key by the first matching (ours, theirs) prefix rule; {i}, {j} are indices."""
-    for ours, theirs in rules:
-        pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
-        m = re.match(pattern + "(?P<rest>.*)$", key)
-        if m:
-            return theirs.format(**m.groupdict()) + m["rest"]
-    raise KeyError(f"no checkpoint name for parameter {key}")
-
-
-def _load(module: nn.Module, path, rules: list[tuple[str, str]], keep, dtype, prefix: str = "") -> nn.Module:
-    """Strictly load the checkpoint keys that pass `keep` into `module` via the key table `rules` (+ prefix)."""
-    names = {k: prefix + _rename(k, rules) for k in module.state_dict()}
-    ours = {theirs: k for k, theirs in names.items()}
-    state = {ours.get(k, k): v for k, v in read_state_dict(path, keep).items()}
-    return load_strict(module, state, path, names).to(dtype).eval()
 
 
 # --------------------------------------------------------------------------- CLIP ViT (base encoder, gen target)
@@ -249,21 +232,14 @@ class CLIPVisionConfig:
                    projection_dim=cfg.get("projection_dim", 512) if with_proj else None)
 
 
-_V = "vision_model."
+_V, _VL = "vision_model.", "vision_model.encoder.layers.{i}."
 CLIP_KEYS = [  # ours -> Hub (CLIPModel / CLIPVisionModelWithProjection)
-    ("class_embedding", _V + "embeddings.class_embedding"),
-    ("patch_embed.", _V + "embeddings.patch_embedding."),
-    ("pos_embed", _V + "embeddings.position_embedding.weight"),
-    ("pre_norm.", _V + "pre_layrnorm."),
-    ("blocks.{i}.norm1.", _V + "encoder.layers.{i}.layer_norm1."),
-    ("blocks.{i}.norm2.", _V + "encoder.layers.{i}.layer_norm2."),
-    ("blocks.{i}.attn.q.", _V + "encoder.layers.{i}.self_attn.q_proj."),
-    ("blocks.{i}.attn.k.", _V + "encoder.layers.{i}.self_attn.k_proj."),
-    ("blocks.{i}.attn.v.", _V + "encoder.layers.{i}.self_attn.v_proj."),
-    ("blocks.{i}.attn.o.", _V + "encoder.layers.{i}.self_attn.out_proj."),
-    ("blocks.{i}.fc", _V + "encoder.layers.{i}.mlp.fc"),
-    ("post_norm.", _V + "post_layernorm."),
-    ("proj.", "visual_projection."),
+    ("class_embedding", _V + "embeddings.class_embedding"), ("patch_embed.", _V + "embeddings.patch_embedding."),
+    ("pos_embed", _V + "embeddings.position_embedding.weight"), ("pre_norm.", _V + "pre_layrnorm."),
+    ("blocks.{i}.norm", _VL + "layer_norm"), ("blocks.{i}.fc", _VL + "mlp.fc"),         # norm1/norm2, fc1/fc2
+    ("blocks.{i}.attn.q.", _VL + "self_attn.q_proj."), ("blocks.{i}.attn.k.", _VL + "self_attn.k_proj."),
+    ("blocks.{i}.attn.v.", _VL + "self_attn.v_proj."), ("blocks.{i}.attn.o.", _VL + "self_attn.out_proj."),
+    ("post_norm.", _V + "post_layernorm."), ("proj.", "visual_projection."),
 ]
 CLIP_TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")  # text tower of a full CLIPModel
 
@@ -280,9 +256,8 @@ class CLIPVision(nn.Module):
         # unit-scale positions in random (tiny) towers so patch tokens carry where they are, as trained CLIP's do
         self.pos_embed = nn.Parameter(torch.randn(self.grid ** 2 + 1, c.hidden_size))
         self.pre_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.blocks = nn.ModuleList(
-            ViTBlock(c.hidden_size, c.n_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps, layerscale=False)
-            for _ in range(c.n_layers))
+        self.blocks = nn.Sequential(*(ViTBlock(c.hidden_size, c.n_heads, c.intermediate_size, c.hidden_act,
+                                               c.layer_norm_eps) for _ in range(c.n_layers)))
         self.post_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.proj = nn.Linear(c.hidden_size, c.projection_dim, bias=False) if c.projection_dim else None
 
@@ -292,9 +267,7 @@ class CLIPVision(nn.Module):
             raise ValueError(f"CLIPVision expects {self.config.image_size}² pixels, got {tuple(pixels.shape[-2:])}")
         x = self.patch_embed(pixels.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2)   # (B, grid², C)
         x = self.pre_norm(torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed)
-        for block in self.blocks[:n_blocks]:
-            x = block(x)
-        return x
+        return self.blocks[:n_blocks](x)
 
     def features(self, pixels: torch.Tensor, layer: int = -2) -> torch.Tensor:
         """Patch tokens of hidden_states[layer] (0 = embeddings, k = block k), CLS dropped; LLaVA uses -2 (SPEC §1)."""
@@ -332,10 +305,6 @@ class DINOv2Config:
     interpolate_antialias: bool = False     # True only for the register models (as in transformers)
 
     @classmethod
-    def vitl(cls) -> "DINOv2Config":
-        return cls()
-
-    @classmethod
     def tiny(cls) -> "DINOv2Config":              # table for a 10×10 grid, run at 112 px (8×8): interpolation runs
         return cls(image_size=140, hidden_size=64, intermediate_size=256, n_layers=4, n_heads=4)
 
@@ -355,23 +324,14 @@ class DINOv2Config:
 
 _L = "encoder.layer.{i}."
 DINOV2_KEYS = [  # ours -> Hub (Dinov2Model; prefixed by "backbone." inside DepthAnythingForDepthEstimation)
-    ("cls_token", "embeddings.cls_token"),
-    ("mask_token", "embeddings.mask_token"),
-    ("register_tokens", "embeddings.register_tokens"),
-    ("pos_embed", "embeddings.position_embeddings"),
-    ("patch_embed.", "embeddings.patch_embeddings.projection."),
-    ("blocks.{i}.norm1.", _L + "norm1."),
-    ("blocks.{i}.norm2.", _L + "norm2."),
-    ("blocks.{i}.attn.q.", _L + "attention.attention.query."),
-    ("blocks.{i}.attn.k.", _L + "attention.attention.key."),
-    ("blocks.{i}.attn.v.", _L + "attention.attention.value."),
-    ("blocks.{i}.attn.o.", _L + "attention.output.dense."),
-    ("blocks.{i}.ls1", _L + "layer_scale1.lambda1"),
-    ("blocks.{i}.ls2", _L + "layer_scale2.lambda1"),
-    ("blocks.{i}.fc", _L + "mlp.fc"),
-    ("norm.", "layernorm."),
+    ("cls_token", "embeddings.cls_token"), ("mask_token", "embeddings.mask_token"),
+    ("register_tokens", "embeddings.register_tokens"), ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.", "embeddings.patch_embeddings.projection."), ("norm.", "layernorm."),
+    ("blocks.{i}.norm", _L + "norm"), ("blocks.{i}.fc", _L + "mlp.fc"),                # norm1/norm2, fc1/fc2
+    ("blocks.{i}.attn.q.", _L + "attention.attention.query."), ("blocks.{i}.attn.k.", _L + "attention.attention.key."),
+    ("blocks.{i}.attn.v.", _L + "attention.attention.value."), ("blocks.{i}.attn.o.", _L + "attention.output.dense."),
+    ("blocks.{i}.ls1", _L + "layer_scale1.lambda1"), ("blocks.{i}.ls2", _L + "layer_scale2.lambda1"),
 ]
-DEPTH_ANYTHING_HEAD_PREFIXES = ("neck.", "head.")  # the DPT depth head of Depth Anything: not needed
 
 
 class DINOv2(nn.Module):
@@ -428,7 +388,7 @@ class DINOv2(nn.Module):
         cfg = _config_json(path)
         prefix = "backbone." if "backbone_config" in cfg else ""
         return _load(cls(DINOv2Config.from_json(cfg, interpolate_offset)), path, DINOV2_KEYS,
-                     lambda k: not k.startswith(DEPTH_ANYTHING_HEAD_PREFIXES), dtype, prefix)
+                     lambda k: not k.startswith(("neck.", "head.")), dtype, prefix)    # DAv2's DPT head: not needed
 
 
 # --------------------------------------------------------------------------- Swin (seg target)
@@ -442,10 +402,6 @@ class SwinConfig:
     window_size: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def swin_l_oneformer(cls) -> "SwinConfig":
-        return cls()
 
     @classmethod
     def tiny(cls) -> "SwinConfig":                # at 256 px stage 4 is 8×8×128
@@ -465,19 +421,13 @@ class SwinConfig:
 
 _B = "encoder.layers.{i}.blocks.{j}."
 SWIN_KEYS = [  # ours -> Hub (SwinBackbone; prefixed by "model.pixel_level_module.encoder." inside OneFormer)
-    ("patch_embed.", "embeddings.patch_embeddings.projection."),
-    ("embed_norm.", "embeddings.norm."),
-    ("stages.{i}.{j}.norm1.", _B + "layernorm_before."),
-    ("stages.{i}.{j}.norm2.", _B + "layernorm_after."),
-    ("stages.{i}.{j}.attn.q.", _B + "attention.self.query."),
-    ("stages.{i}.{j}.attn.k.", _B + "attention.self.key."),
-    ("stages.{i}.{j}.attn.v.", _B + "attention.self.value."),
-    ("stages.{i}.{j}.attn.o.", _B + "attention.output.dense."),
+    ("patch_embed.", "embeddings.patch_embeddings.projection."), ("embed_norm.", "embeddings.norm."),
+    ("merges.{i}.", "encoder.layers.{i}.downsample."), ("stage_norms.", "hidden_states_norms."),
+    ("stages.{i}.{j}.norm1.", _B + "layernorm_before."), ("stages.{i}.{j}.norm2.", _B + "layernorm_after."),
+    ("stages.{i}.{j}.attn.q.", _B + "attention.self.query."), ("stages.{i}.{j}.attn.k.", _B + "attention.self.key."),
+    ("stages.{i}.{j}.attn.v.", _B + "attention.self.value."), ("stages.{i}.{j}.fc1.", _B + "intermediate.dense."),
+    ("stages.{i}.{j}.attn.o.", _B + "attention.output.dense."), ("stages.{i}.{j}.fc2.", _B + "output.dense."),
     ("stages.{i}.{j}.rel_table", _B + "attention.self.relative_position_bias_table"),
-    ("stages.{i}.{j}.fc1.", _B + "intermediate.dense."),
-    ("stages.{i}.{j}.fc2.", _B + "output.dense."),
-    ("merges.{i}.", "encoder.layers.{i}.downsample."),
-    ("stage_norms.", "hidden_states_norms."),
 ]
 ONEFORMER_BACKBONE = "model.pixel_level_module.encoder."
 SWIN_DEAD_PREFIXES = ("swin.layernorm.",)  # saved by SwinBackbone, never applied, absent from OneFormer: skipped
@@ -489,15 +439,12 @@ def _windows(x: torch.Tensor, ws: int) -> torch.Tensor:
     return x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3).reshape(B, -1, ws * ws, C)
 
 
-class SwinBlock(nn.Module):
-    """(Shifted-)window attention with relative position bias, then MLP (Liu et al. 2021; weights.md §2.6)."""
+class SwinBlock(ViTBlock):
+    """A ViT block attending in (shifted) windows, with relative position bias (Liu et al. 2021; weights.md §2.6)."""
 
     def __init__(self, dim: int, n_heads: int, ws: int, shift: int, c: SwinConfig):
-        super().__init__()
+        super().__init__(dim, n_heads, int(dim * c.mlp_ratio), "gelu", c.layer_norm_eps)
         self.ws, self.shift = ws, shift
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=c.layer_norm_eps), nn.LayerNorm(dim, eps=c.layer_norm_eps)
-        self.attn, hidden = Attention(dim, n_heads), int(dim * c.mlp_ratio)
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.rel_table = nn.Parameter(0.02 * torch.randn((2 * ws - 1) ** 2, n_heads))
         yx = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, ws²)
         rel = yx[:, :, None] - yx[:, None, :] + ws - 1                                          # (2, ws², ws²)
@@ -510,7 +457,7 @@ class SwinBlock(nn.Module):
         ids = _windows((region(Hp)[:, None] * 3 + region(Wp)[None, :])[None, :, :, None], self.ws)[0, ..., 0]
         return (ids[:, None, :] != ids[:, :, None]).float() * -100.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws, s = self.ws, self.shift
         h = F.pad(self.norm1(x), (0, 0, 0, -W % ws, 0, -H % ws))       # pad after layernorm_before
@@ -523,8 +470,7 @@ class SwinBlock(nn.Module):
         h = h.view(B, Hp // ws, Wp // ws, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if s:
             h = torch.roll(h, (s, s), (1, 2))
-        x = x + h[:, :H, :W]
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return h[:, :H, :W]
 
 
 class PatchMerging(nn.Module):
@@ -551,8 +497,8 @@ class Swin(nn.Module):
         self.patch_embed = nn.Conv2d(3, c.embed_dim, c.patch_size, c.patch_size)
         self.embed_norm = nn.LayerNorm(c.embed_dim)
         # Shift ws//2 on odd blocks at every resolution: no window clamping (SwinBackbone's always_partition).
-        self.stages = nn.ModuleList(nn.ModuleList(SwinBlock(d, h, c.window_size, j % 2 * (c.window_size // 2), c)
-                                                  for j in range(n)) for d, n, h in zip(dims, c.depths, c.n_heads))
+        self.stages = nn.ModuleList(nn.Sequential(*(SwinBlock(d, h, c.window_size, j % 2 * (c.window_size // 2), c)
+                                                    for j in range(n))) for d, n, h in zip(dims, c.depths, c.n_heads))
         self.merges = nn.ModuleList(PatchMerging(d) for d in dims[:-1])
         self.stage_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(d) for i, d in enumerate(dims)})
 
@@ -563,8 +509,7 @@ class Swin(nn.Module):
         x = self.embed_norm(self.patch_embed(pixels).permute(0, 2, 3, 1))              # (B, H/4, W/4, C)
         maps = []
         for stage, norm, merge in zip(self.stages, self.stage_norms.values(), [*self.merges, None]):
-            for block in stage:
-                x = block(x)
+            x = stage(x)
             maps.append(norm(x))
             x = merge(x) if merge is not None else x
         return maps
@@ -587,8 +532,8 @@ class Swin(nn.Module):
 @dataclass
 class TargetConfig:
     """The three frozen teachers and their input sizes; defaults are the paper's (SPEC §1)."""
-    depth: DINOv2Config = field(default_factory=DINOv2Config.vitl)
-    seg: SwinConfig = field(default_factory=SwinConfig.swin_l_oneformer)
+    depth: DINOv2Config = field(default_factory=DINOv2Config)
+    seg: SwinConfig = field(default_factory=SwinConfig)
     gen: CLIPVisionConfig = field(default_factory=CLIPVisionConfig.unclip_h)
     depth_size: int = 336                               # -> 24×24 = 576 patches; gen: its own image_size
     seg_size: int = 768                                 # -> stage 4 is 24×24

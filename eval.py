@@ -5,9 +5,6 @@ QA, streaming chat, and pictures of what the PT embedding predictors learned (Fi
     python eval.py cvbench --model runs/llama3-8b/ift/final --data CV-Bench/test.jsonl --images CV-Bench
     python eval.py chat --image photo.jpg --prompt "What is in the image?"
     python eval.py show --image photo.jpg              # PCA of predicted vs target depth/seg features
-
-Read top to bottom: 1. loading a checkpoint and building prompts, 2. batched greedy answers and the
-answer parser, 3. multiple-choice scoring (CV-Bench metrics), 4. chat, 5. pictures, 6. the CLI.
 """
 from __future__ import annotations
 
@@ -16,10 +13,13 @@ import json
 import math
 import re
 import sys
+from itertools import takewhile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import data
@@ -32,7 +32,6 @@ BUILTIN = Path("data_cache/builtin")      # the built-in data (and tokenizer) tr
 
 # ----------------------------------------------------------------------------- 1. loading
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """A GPU in bf16 when there is one, else the CPU in fp32."""
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
@@ -41,10 +40,8 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 def load_model(folder: str | Path, tokenizer: str | Path | None = None, with_predictors: bool = False,
                device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[OLAVLM, data.ChatTokenizer]:
-    """An OLA checkpoint (train.py's `final`) in eval mode, and its tokenizer + chat template.
-
-    Checkpoints do not record their tokenizer: default = the LLM source folder's tokenizer.json,
-    or, for a randomly initialised (tiny) LLM, the built-in one. Template from the LLM type."""
+    """An OLA checkpoint (train.py's `final`) in eval mode and its chat tokenizer. Checkpoints do not record
+    their tokenizer: default = the LLM source folder's tokenizer.json, or the built-in one for a random tiny LLM."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not an OLA checkpoint (no config.json); train one with "
@@ -81,21 +78,14 @@ def answer(model: OLAVLM, tok: data.ChatTokenizer, prompts: list[str], images: l
            max_new_tokens: int = 128, temperature: float = 0.0, streamer=None) -> list[str]:
     """Answers to a batch of prompts (one image each, or none), greedy by default. OLAVLM.generate
     left-pads the spliced sequences, so the batch can mix prompt lengths."""
-    rows = [prompt_ids(tok, p, images is not None) for p in prompts]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)            # (B, T) right-padded
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
+    rows = [torch.tensor(prompt_ids(tok, p, images is not None)) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id)                 # (B, T) right-padded
+    mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]   # (B, T)
     device, dtype = model.projector[0].weight.device, model.projector[0].weight.dtype
     pixels = torch.stack(images).to(device, dtype) if images is not None else None
     out = model.generate(ids.to(device), mask.to(device), images=pixels, max_new_tokens=max_new_tokens,
                          temperature=temperature, eos_token_ids=tok.eos_ids, streamer=streamer)   # (B, n_new)
-    texts = []
-    for row in out.tolist():
-        end = next((i for i, t in enumerate(row) if t in tok.eos_ids), len(row))
-        texts.append(tok.decode(row[:end]).strip())
-    return texts
+    return [tok.decode(takewhile(lambda t: t not in tok.eos_ids, row)).strip() for row in out.tolist()]
 
 
 CHOICE_PATTERNS = (
@@ -139,13 +129,12 @@ def score(records: list[dict], outputs: list[str]) -> list[dict]:
     return rows
 
 
-def accuracy(rows: list[dict]) -> float | None:
-    return sum(r["correct"] for r in rows) / len(rows) if rows else None
-
-
 def metrics(rows: list[dict]) -> dict:
     """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (SPEC §6):
     2D = mean(acc ADE20K, acc COCO), 3D = acc Omni3D, Overall = (2D + 3D) / 2 (None when absent)."""
+    def accuracy(rows: list[dict]) -> float | None:
+        return sum(r["correct"] for r in rows) / len(rows) if rows else None
+
     def by(key: str) -> dict[str, float]:
         groups = sorted({str(r[key]) for r in rows})
         return {g: accuracy([r for r in rows if str(r[key]) == g]) for g in groups}
@@ -185,31 +174,24 @@ def report(rows: list[dict], out: Path, **info) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. chat
-class Streamer:
-    """Prints one answer while it is generated: LLM.generate calls it with each new id (B=1,)."""
-
-    def __init__(self, tok: data.ChatTokenizer, stream=sys.stdout):
-        self.tok, self.stream, self.ids, self.shown, self.done = tok, stream, [], "", False
-
-    def __call__(self, next_id: torch.Tensor) -> None:
-        i = int(next_id[0])
-        self.done = self.done or i in self.tok.eos_ids
-        if self.done:
-            return
-        self.ids.append(i)
-        text = self.tok.decode(self.ids).strip()   # as `answer` returns it
-        if text.endswith("\ufffd"):            # half of a multi-byte character: wait for the rest
-            return
-        self.stream.write(text[len(self.shown):])
-        self.stream.flush()
-        self.shown = text
-
-
 def chat(model: OLAVLM, tok: data.ChatTokenizer, prompt: str, image: str | Path | None = None,
          max_new_tokens: int = 256, temperature: float = 0.0, stream=sys.stdout) -> str:
-    """Answer one prompt about one image (or none), printing tokens as they come."""
+    """Answer one prompt about one image (or none), printing the answer while it is generated."""
+    ids, shown = [], ""
+
+    def streamer(next_id: torch.Tensor) -> None:    # LLM.generate calls it with each new id (B=1,)
+        nonlocal shown
+        if int(next_id[0]) in tok.eos_ids:          # generation stops after it
+            return
+        ids.append(int(next_id[0]))
+        text = tok.decode(ids).strip()              # as `answer` returns it
+        if not text.endswith("\ufffd"):            # else half of a multi-byte character: wait for the rest
+            stream.write(text[len(shown):])
+            stream.flush()
+            shown = text
+
     images = [image_pixels(image, model.vision.config.image_size)[1]] if image else None
-    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, Streamer(tok, stream))[0]
+    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, streamer)[0]
     stream.write("\n")
     return text
 
@@ -231,6 +213,11 @@ def predicted_features(model: OLAVLM, tok: data.ChatTokenizer, teachers: TargetE
     return square, {(t, l): (p[0].float(), targets[t][0].float()) for (t, l), p in out.predictions.items()}
 
 
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (the probing score, official §6)."""
+    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
+
+
 def pca_rgb(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) x 2 -> two (h, w, 3) images in [0, 1]: the top-3 principal components of the
     prediction and target tokens, fitted jointly so both use the same colours."""
@@ -247,13 +234,12 @@ def pca_rgb(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
 def show(square: Image.Image, features: dict, path: Path) -> None:
     """One row per spatial task: the input, then per supervised layer the PCA of the prediction
     beside the target's (Fig. 6), titled with their cosine similarity."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     tasks = [t for t in ("depth", "seg") if any(k[0] == t for k in features)]
     layers = {t: sorted(l for task, l in features if task == t) for t in tasks}
     ncols = 1 + 2 * max(map(len, layers.values()))
-    fig, axes = plt.subplots(len(tasks), ncols, figsize=(2.2 * ncols, 2.4 * len(tasks)), squeeze=False)
+    fig = Figure(figsize=(2.2 * ncols, 2.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for row, t in zip(axes, tasks):
@@ -261,14 +247,13 @@ def show(square: Image.Image, features: dict, path: Path) -> None:
         row[0].set_title(f"input ({t})", fontsize=9)
         for k, l in enumerate(layers[t]):
             pred, target = features[(t, l)]
-            cos = torch.nn.functional.cosine_similarity(pred.flatten(), target.flatten(), dim=0).item()
+            cos = cosine(pred[None], target[None]).item()
             for ax, img, name in zip(row[1 + 2 * k: 3 + 2 * k], pca_rgb(pred, target), ("predicted", "target")):
                 ax.imshow(img.numpy(), interpolation="nearest")
                 ax.set_title(f"{t} L{l} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- 6. CLI
@@ -300,8 +285,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--gen", help="stable-diffusion-2-1-unclip/image_encoder folder")
     s.add_argument("--seed", type=int, default=0, help="the tiny teachers' seed (train.py --seed)")
     args = p.parse_args(argv)
-    stage = "pt" if args.command == "show" else "ift"
-    args.model = Path(args.model or Path(args.run) / stage / "final")
+    args.model = Path(args.model or Path(args.run) / ("pt" if args.command == "show" else "ift") / "final")
     if args.command == "qa" and args.data and not args.images:
         p.error("qa --data needs --images (the folder its image paths are relative to)")
     if args.command == "show" and any([args.depth, args.seg, args.gen]) and not all([args.depth, args.seg, args.gen]):

@@ -1,16 +1,13 @@
-"""Layer-wise probing of a frozen MLLM (Sec. 3, Fig. 3, Tab. 8; SPEC §5).
-
-For every LLM layer l and every task (depth, seg, gen) a single-layer Perceiver resampler probe
-with its own learnable queries (576 for depth/seg, 1 for gen) reads the layer-l hidden states of
-the whole sequence (padding masked) and regresses a frozen teacher's features with smooth-L1.
-All probes train together from ONE no-grad forward of the frozen MLLM per batch. The score of a
-layer is the mean over held-out images of the cosine similarity of the whole flattened prediction
-and target: how much of the teacher's visual information that layer holds in a readable form.
+r"""Layer-wise probing of a frozen MLLM (Sec. 3, Fig. 3, Tab. 8; SPEC §5): per LLM layer and task
+(depth, seg, gen) a one-layer Perceiver resampler probe regresses a frozen teacher's features from
+the layer's hidden states. Its score, the mean held-out cosine of prediction and target, says how
+much of the teacher's visual information the layer holds in a readable form. All probes train
+together from ONE no-grad forward of the frozen MLLM per batch.
 
     python probe.py                                    # the tiny run's PT and IFT checkpoints
     python probe.py --models runs/a/pt/final runs/b/pt/final --labels baseline OLA \
-        --depth weights/Depth-Anything-V2-Large-hf --seg weights/oneformer_coco_swin_large \
-        --gen weights/stable-diffusion-2-1-unclip/image_encoder \
+        --depth weights/depth-anything-v2-large-hf --seg weights/oneformer_coco_swin_large \
+        --gen weights/sd21-unclip/image_encoder \
         --coco-captions coco/annotations/captions_train2017.json --coco-images coco/train2017 \
         --coco-val-captions coco/annotations/captions_val2017.json --coco-val-images coco/val2017 \
         --tasks depth --batch-size 32 --out runs/probe/depth
@@ -29,17 +26,18 @@ import argparse
 import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import data
 from encoders import TargetEncoders
-from eval import BUILTIN, DEFAULT_RUN, device_and_dtype, image_pixels, load_model, prompt_ids
+from eval import BUILTIN, DEFAULT_RUN, cosine, device_and_dtype, image_pixels, load_model, prompt_ids
 from ola import PAD
 from resampler import PerceiverResampler
 from train import cosine_schedule
@@ -64,13 +62,16 @@ class ProbeConfig:
 
 @dataclass
 class ProbeBatch:
-    """What the probes see: hidden states of every layer, which keys are real, the targets."""
     hidden_states: tuple[torch.Tensor, ...]   # n_layers + 1 tensors (B, T, H); [l] = output of block l
     key_mask: torch.Tensor                    # (B, T) bool, True = real token (padding masked)
     targets: dict[str, torch.Tensor]          # task -> (B, N, C): N = 576 (depth, seg) or 1 (gen)
 
 
 # ----------------------------------------------------------------------------- the probes
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 class Probes(nn.Module):
     """P_task^l for every task and every layer l: PerceiverResampler(H -> C -> C) with N own queries,
     where (N, C) is the task's target shape (official §6: depth/seg 576 queries, gen 1; dim = out)."""
@@ -85,16 +86,16 @@ class Probes(nn.Module):
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> dict:
         """-> {(task, layer): prediction (B, N, C)}"""
-        return {(t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
-                for t in self.tasks for l in self.layers}
+        with autocast(key_mask.device):
+            return {(t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
+                    for t in self.tasks for l in self.layers}
 
 
 def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.Tensor]:
     """Train every probe on `batches` (re-iterable, with len) for cfg.epochs: loss = Σ_task Σ_l
     smooth-L1 (official §6: no contrastive term, no weights). Returns the mean target of each task
     over the first epoch: the trivial "predict the average" probe that evaluate() compares against."""
-    params = [p for p in probes.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     total = cfg.epochs * len(batches)
     warmup = max(1, round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
@@ -107,8 +108,7 @@ def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.T
                 for t, y in batch.targets.items():
                     sums[t] = sums.get(t, 0) + y.float().sum(0)
                 count += len(batch.key_mask)
-            with autocast(batch.key_mask.device):
-                preds = probes(batch.hidden_states, batch.key_mask)
+            preds = probes(batch.hidden_states, batch.key_mask)
             loss = sum(F.smooth_l1_loss(p.float(), batch.targets[t].float(), beta=1.0) for (t, _), p in preds.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,11 +120,6 @@ def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.T
     return {t: s / count for t, s in sums.items()}
 
 
-def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (official §6)."""
-    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
-
-
 @torch.no_grad()
 def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None
              ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
@@ -133,8 +128,7 @@ def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | No
     probes.eval()
     sums, trivial, n = {}, {}, 0
     for batch in tqdm(batches, desc="probe eval", dynamic_ncols=True):
-        with autocast(batch.key_mask.device):
-            preds = probes(batch.hidden_states, batch.key_mask)
+        preds = probes(batch.hidden_states, batch.key_mask)
         for (t, l), p in preds.items():
             sums[(t, l)] = sums.get((t, l), 0.0) + cosine(p, batch.targets[t]).sum().item()
         for t, m in (mean_targets or {}).items():
@@ -145,14 +139,9 @@ def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | No
     return scores, {t: s / n for t, s in trivial.items()}
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ----------------------------------------------------------------------------- data
 def builtin_images(paths: dict[str, Path], split: str) -> list[Path]:
-    """The built-in set's (`data.builtin_dataset`) unique images: 'train' = those of pt.json and
-    ift.json, 'val' = those of the held-out qa_val.jsonl."""
+    """The built-in set's unique images: 'train' = those of pt.json and ift.json, 'val' = of qa_val.jsonl."""
     files = ([r["image"] for r in data.read_records(paths["qa_val"])] if split == "val" else
              [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r])
     return [paths["images"] / f for f in dict.fromkeys(files)]
@@ -168,19 +157,11 @@ def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
     return [Path(folder) / names[i] for i in ids]
 
 
-class ProbeImages(Dataset):
-    """Image path -> (CLIP pixels (3, S, S), teacher pixels {task: (3, s, s)}) of the same square
+def load_views(paths: list[Path], image_size: int, teachers: TargetEncoders):
+    """Image paths -> CLIP pixels (B, 3, S, S) and teacher pixels {task: (B, 3, s, s)} of the same square
     view: padded, the view of inference (SPEC §4), for PT and IFT checkpoints alike."""
-
-    def __init__(self, paths: list[Path], image_size: int, teachers: TargetEncoders):
-        self.paths, self.image_size, self.teachers = paths, image_size, teachers
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        square, pixels = image_pixels(self.paths[i], self.image_size, view="pad")
-        return pixels, self.teachers.preprocess(square)
+    views = [image_pixels(p, image_size, view="pad") for p in paths]
+    return torch.stack([x for _, x in views]), default_collate([teachers.preprocess(sq) for sq, _ in views])
 
 
 @torch.no_grad()
@@ -193,16 +174,15 @@ def probe_targets(teachers: TargetEncoders, pixels: dict[str, torch.Tensor], tas
 
 
 class MLLMFeatures:
-    """Re-iterable batches of ProbeBatch: per batch one no-grad forward of the frozen MLLM (all
-    hidden states) and of the teachers. Every image gets the same prompt, PROMPT, with an empty
-    answer in the model's chat template."""
+    """Re-iterable ProbeBatches: per batch one no-grad forward of the frozen MLLM (all hidden states) and
+    of the teachers. Every image gets the same prompt, PROMPT, with an empty answer in the chat template."""
 
     def __init__(self, model, tok: data.ChatTokenizer, teachers: TargetEncoders, paths: list[Path],
                  tasks, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0):
         self.model, self.teachers, self.tasks = model, teachers, tasks
         self.ids = torch.tensor(prompt_ids(tok, PROMPT))                            # (T,)
-        dataset = ProbeImages(paths, model.vision.config.image_size, teachers)
-        self.loader = DataLoader(dataset, batch_size, shuffle=shuffle, num_workers=num_workers,
+        collate = partial(load_views, image_size=model.vision.config.image_size, teachers=teachers)
+        self.loader = DataLoader(paths, batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
                                  generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
@@ -211,8 +191,7 @@ class MLLMFeatures:
     def __iter__(self):
         device = next(self.model.parameters()).device
         for pixels, target_pixels in self.loader:
-            B = len(pixels)
-            ids = self.ids.expand(B, -1).to(device)
+            ids = self.ids.expand(len(pixels), -1).to(device)
             with torch.no_grad(), autocast(device):
                 out = self.model(ids, torch.ones_like(ids, dtype=torch.bool),
                                  images=pixels.to(device, self.model.projector[0].weight.dtype),
@@ -226,31 +205,26 @@ class MLLMFeatures:
             yield ProbeBatch(out.hidden_states, out.segments != PAD, targets)
 
 
-# ----------------------------------------------------------------------------- plot
+# ----------------------------------------------------------------------------- main
 def plot(scores: dict, trivial: dict, path: Path) -> None:
     """One panel per task, one curve per checkpoint across layers (Fig. 3), dashed: the mean-target level."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     tasks = list(next(iter(scores.values())))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(tasks), 3.4))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for label, s in scores.items():
             layers = sorted(int(l) for l in s[t])
             ax.plot(layers, [s[t][str(l)] for l in layers], marker="o", label=label)
         if t in trivial:
             ax.axhline(trivial[t], color="gray", linestyle="--", label="mean target")
-        ax.set_title(f"{t} probe")
-        ax.set_xlabel("LLM layer")
-        ax.set_ylabel("cosine similarity")
+        ax.set(title=f"{t} probe", xlabel="LLM layer", ylabel="cosine similarity")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(DEFAULT_RUN), help="a train.py output folder (default: the tiny run)")
@@ -290,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.labels = args.labels if len(set(args.labels)) == len(args.labels) else args.models
     if len(args.labels) != len(args.models) or len(set(args.labels)) != len(args.labels):
         p.error(f"--labels must give {len(args.models)} distinct names, one per checkpoint")
-    defaults = TINY if not all(real) else asdict(ProbeConfig())
+    defaults = asdict(ProbeConfig()) if all(real) else TINY
     for k in ("lr", "batch_size", "epochs"):
         setattr(args, k, getattr(args, k) or defaults[k])
     args.out = Path(args.out or run / "probe")
@@ -315,24 +289,23 @@ def main(argv=None) -> None:
     scores, trivial = {}, {}
     for label, folder in zip(args.labels, args.models):
         model, tok = load_model(folder, args.tokenizer, device=device, dtype=dtype)
-        model.requires_grad_(False).eval()
         torch.manual_seed(args.seed)
-        feats = {split: MLLMFeatures(model, tok, teachers, paths, args.tasks, cfg.batch_size, split == "train",
-                                     args.seed, args.num_workers)
-                 for split, paths in (("train", train_paths), ("val", val_paths))}
+        features = partial(MLLMFeatures, model, tok, teachers, tasks=args.tasks, batch_size=cfg.batch_size,
+                           seed=args.seed, num_workers=args.num_workers)
+        train, val = features(train_paths, shuffle=True), features(val_paths, shuffle=False)
         shapes = {t: (1 if t == "gen" else model.num_image_tokens, teachers.dims[t]) for t in args.tasks}
         layers = list(range(1, model.llm.config.n_layers + 1))   # block outputs; the last one after the final norm
         probes = Probes(model.llm.config.hidden_size, layers, shapes, cfg.heads, cfg.dim_head).to(device)
-        print(f"{label} ({folder}): {len(probes.layers)} layers x {len(shapes)} tasks, "
+        print(f"{label} ({folder}): {len(layers)} layers x {len(shapes)} tasks, "
               f"{sum(p.numel() for p in probes.parameters()):,} probe parameters")
-        mean_targets = train_probes(probes, feats["train"], cfg)
-        s, trivial = evaluate(probes, feats["val"], mean_targets)
+        mean_targets = train_probes(probes, train, cfg)
+        s, trivial = evaluate(probes, val, mean_targets)
         scores[label] = {t: {str(l): v for l, v in per_layer.items()} for t, per_layer in s.items()}
         for t, per_layer in s.items():
             best = max(per_layer, key=per_layer.get)
             print(f"  {t:<5} cosine per layer: " + " ".join(f"{v:.3f}" for v in per_layer.values())
                   + f"  (best layer {best}; mean-target level {trivial[t]:.3f})")
-        del model, probes, feats
+        del model, probes, train, val
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"scores": scores, "mean_target": trivial, "checkpoints": dict(zip(args.labels, args.models)),
               "images": {"train": len(train_paths), "val": len(val_paths)}, "config": asdict(cfg)}

@@ -1,10 +1,10 @@
-"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (SPEC §4, Sec. 5.1).
+r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (SPEC §4, Sec. 5.1).
 
     python train.py                                   # tiny model, built-in data, PT then IFT on CPU
     torchrun --nproc_per_node=8 train.py --preset llama3-8b --stage pt \
-        --llm weights/Meta-Llama-3-8B-Instruct --vision weights/clip-vit-large-patch14-336 \
-        --depth weights/Depth-Anything-V2-Large-hf --seg weights/oneformer_coco_swin_large \
-        --gen weights/stable-diffusion-2-1-unclip/image_encoder \
+        --llm weights/llama3-8b-instruct --vision weights/clip-vit-large-patch14-336 \
+        --depth weights/depth-anything-v2-large-hf --seg weights/oneformer_coco_swin_large \
+        --gen weights/sd21-unclip/image_encoder \
         --data LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images
     torchrun --nproc_per_node=8 train.py --preset llama3-8b --stage ift --fsdp \
         --init runs/llama3-8b/pt/final --data llava_v1_5_mix665k.json --image-folder datasets
@@ -220,13 +220,7 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
     stage_dir = args.out / stage
 
     # data
-    builtin = None
-    if args.data is None:  # written once by rank 0, then read by everyone
-        if rank == 0:
-            data.builtin_dataset(BUILTIN)
-        if dist.is_initialized():
-            dist.barrier()
-        builtin = data.builtin_dataset(BUILTIN)
+    builtin = data.builtin_dataset(BUILTIN) if args.data is None else None   # rank-safe: temp folder + rename
     tok = data.ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset])
     teachers = build_teachers(args, device, frozen) if stage == "pt" else None
     model = build_model(args, stage, tok, teachers, device, frozen if stage == "pt" else torch.float32)
