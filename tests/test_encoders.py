@@ -50,6 +50,13 @@ def pixels(size, batch=2, seed=0):
 
 
 # --------------------------------------------------------------------------- fixtures (transformers, saved once)
+def saved(model, tmp_path_factory, name: str):
+    """(reference model, folder it was saved to with save_pretrained: the Hub key layout)."""
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return model, path
+
+
 @pytest.fixture(scope="module")
 def tf():
     import transformers
@@ -67,9 +74,7 @@ def clip_full(tf, tmp_path_factory):
                          vocab_size=99, max_position_embeddings=16),
         projection_dim=24, attn_implementation="eager")
     model = randomize(tf.CLIPModel(cfg))
-    path = tmp_path_factory.mktemp("clip_full")
-    model.save_pretrained(path)
-    return model, path
+    return saved(model, tmp_path_factory, "clip_full")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +84,7 @@ def unclip(tf, tmp_path_factory):
                               image_size=42, patch_size=14, hidden_act="gelu", projection_dim=48,
                               attn_implementation="eager")
     model = randomize(tf.CLIPVisionModelWithProjection(cfg))
-    path = tmp_path_factory.mktemp("unclip")
-    model.save_pretrained(path)
-    return model, path
+    return saved(model, tmp_path_factory, "unclip")
 
 
 DINO_CFG = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=70, patch_size=14,
@@ -91,9 +94,7 @@ DINO_CFG = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_
 @pytest.fixture(scope="module")
 def dinov2(tf, tmp_path_factory):
     model = randomize(tf.Dinov2Model(tf.Dinov2Config(**DINO_CFG)))
-    path = tmp_path_factory.mktemp("dinov2")
-    model.save_pretrained(path)
-    return model, path
+    return saved(model, tmp_path_factory, "dinov2")
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,7 @@ def depth_anything(tf, tmp_path_factory):
     cfg = tf.DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
                                  reassemble_hidden_size=64)
     model = randomize(tf.DepthAnythingForDepthEstimation(cfg))
-    path = tmp_path_factory.mktemp("depth_anything")
-    model.save_pretrained(path)
-    return model, path
+    return saved(model, tmp_path_factory, "depth_anything")
 
 
 SWIN_CFG = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=3,
@@ -116,9 +115,7 @@ SWIN_CFG = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], windo
 @pytest.fixture(scope="module")
 def swin(tf, tmp_path_factory):
     model = randomize(tf.SwinBackbone(tf.SwinConfig(**SWIN_CFG)))
-    path = tmp_path_factory.mktemp("swin")
-    model.save_pretrained(path)
-    return model, path
+    return saved(model, tmp_path_factory, "swin")
 
 
 @pytest.fixture(scope="module")

@@ -84,4 +84,8 @@ def test_fsdp2_ift_step_matches_ddp(workdir):
     run(args + ["--out", "ddp"], workdir, nproc=2)
     run(args + ["--out", "fsdp", "--fsdp"], workdir, nproc=2)
     assert_same_losses(metrics(workdir / "ddp" / "ift"), metrics(workdir / "fsdp" / "ift"), tol=1e-5)
-    assert (workdir / "fsdp" / "ift" / "final" / "model.safetensors").exists()
+    # the gathered FSDP2 checkpoint loads strictly and holds the DDP run's weights
+    from ola import OLAVLM
+    ddp, fsdp = (OLAVLM.from_checkpoint(workdir / run / "ift" / "final").state_dict() for run in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys()
+    assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
