@@ -100,13 +100,14 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
 
 
-def all_mean(x: torch.Tensor) -> float:
-    """The mean over ranks of a per-rank loss share (losses are normalised so this is the global loss)."""
+def all_mean(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of each per-rank loss share (losses are normalised so this is the global loss);
+    one stacked all-reduce and one host sync for all terms."""
+    x = torch.stack([v.detach().float() for v in terms.values()])
     if dist.is_initialized():
-        x = x.detach().clone()
         dist.all_reduce(x)
         x /= dist.get_world_size()
-    return x.item()
+    return dict(zip(terms, x.tolist()))
 
 
 # ----------------------------------------------------------------------------- model
@@ -295,8 +296,8 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
                               batch["has_image"], targets)
                 (out.loss / accum).backward()
-            for k, v in {"loss": out.loss, **out.terms}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + all_mean(v) / accum
+            for k, v in all_mean({"loss": out.loss, **out.terms}).items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
             seen += len(batch["ids"]) * world
         optimizer.step()
         scheduler.step()
