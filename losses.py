@@ -1,4 +1,4 @@
-"""Losses of OLA-VLM (Sec. 4.2, Eq. 1; SPEC §3): next-token cross-entropy, and per predictor
+"""Losses of OLA-VLM (Sec. 4.2, Eq. 1; docs/design.md §4): next-token cross-entropy, and per predictor
 layer the embedding loss L_emb = 1.0 * smooth-L1 + 0.3 * InfoNCE.
 
 Every mean is a GLOBAL mean over all ranks: `global_mean` returns
@@ -10,6 +10,7 @@ valid samples or labelled tokens. Per rank: d(loss_r)/d(pred_r) = world_size * d
 Every function runs the same collectives on every rank, and returns a graph-connected zero when
 nothing is valid anywhere, so DDP never hangs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,14 +55,16 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> 
     """Smooth-L1 (beta 1, fp32), mean over the elements of valid samples; pred/target (B, ...),
     valid (B,) bool (False = sample without an image)."""
     valid = valid.bool()
-    total = F.smooth_l1_loss(pred[valid].float(), target.to(pred.device)[valid].float(),
-                             reduction="sum", beta=1.0)
+    total = F.smooth_l1_loss(
+        pred[valid].float(), target.to(pred.device)[valid].float(), reduction="sum", beta=1.0
+    )
     return global_mean(total, valid.sum() * pred.shape[1:].numel())
 
 
-def info_nce(pred: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor,
-             valid: torch.Tensor) -> torch.Tensor:
-    """One-directional InfoNCE prediction -> target over the global batch (SPEC §3).
+def info_nce(
+    pred: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """One-directional InfoNCE prediction -> target over the global batch (Sec. 4.2; docs/design.md §4).
 
     Maps are flattened and L2-normalised (fp32);
     logits = p_i . t_j * clamp(exp(logit_scale), max=100).
@@ -73,24 +76,33 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor
     B, valid = pred.shape[0], valid.bool()
     sizes = _all_gather(torch.tensor([B], device=pred.device))
     if (sizes != B).any():
-        raise ValueError(f"info_nce: every rank must have the same batch size for the global-batch "
-                         f"negatives, got per-rank sizes {sizes.tolist()}")
-    p = F.normalize(pred[valid].flatten(1).float(), dim=-1)                   # (B_valid, D)
+        raise ValueError(
+            f"info_nce: every rank must have the same batch size for the global-batch "
+            f"negatives, got per-rank sizes {sizes.tolist()}"
+        )
+    p = F.normalize(pred[valid].flatten(1).float(), dim=-1)  # (B_valid, D)
     t = F.normalize(target.detach().to(pred.device).flatten(1).float(), dim=-1)  # (B, D)
-    t_all = _all_gather(t.masked_fill(~valid[:, None], 0))                    # (W*B, D)
-    valid_all = _all_gather(valid.to(torch.uint8)).bool()                     # (W*B,)
+    t_all = _all_gather(t.masked_fill(~valid[:, None], 0))  # (W*B, D)
+    valid_all = _all_gather(valid.to(torch.uint8)).bool()  # (W*B,)
     scale = logit_scale.exp().clamp(max=100)
-    logits = (p @ t_all.T * scale).masked_fill(~valid_all, float("-inf"))     # (B_valid, W*B)
-    labels = (torch.arange(B, device=pred.device) + rank * B)[valid]          # (B_valid,)
+    logits = (p @ t_all.T * scale).masked_fill(~valid_all, float("-inf"))  # (B_valid, W*B)
+    labels = (torch.arange(B, device=pred.device) + rank * B)[valid]  # (B_valid,)
     total = F.cross_entropy(logits, labels, reduction="sum")
     return global_mean(total, valid.sum())
 
 
-def embedding_loss(pred: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor,
-                   valid: torch.Tensor, contrastive_weight: float = 0.3
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L_emb = smooth-L1 + contrastive_weight * InfoNCE for one predictor layer (Eq. 1).
-    Returns (total, smooth-L1, InfoNCE) — the InfoNCE term unweighted, for logging."""
+def embedding_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    logit_scale: torch.Tensor | None,
+    valid: torch.Tensor,
+    sl1_weight: float = 1.0,
+    contrastive_weight: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """L_emb = λ_sL1 · smooth-L1 + λ_con · InfoNCE for one predictor layer (Eq. 1). Returns (total, smooth-L1,
+    InfoNCE), the terms unweighted for logging; without a logit scale (λ_con = 0) there is no InfoNCE term."""
     sl1 = smooth_l1(pred, target, valid)
+    if logit_scale is None:
+        return sl1_weight * sl1, sl1, None
     con = info_nce(pred, target, logit_scale, valid)
-    return sl1 + contrastive_weight * con, sl1, con
+    return sl1_weight * sl1 + contrastive_weight * con, sl1, con

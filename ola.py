@@ -1,522 +1,307 @@
-"""OLA-VLM from scratch (SPEC §1-§2), in two parts.
+"""OLA-VLM (Sec. 4, Fig. 4): a LLaVA-1.5-style MLLM whose pre-training distills teacher features into
+intermediate LLM layers (docs/design.md §1-5).
 
-1. The decoder LLM: Llama-3-8B(-Instruct) or Phi-3-mini-4k. One `Block` class serves both; Phi-3
-   differs only in its checkpoint layout (fused `qkv_proj` / `gate_up_proj`, split by
-   `LLM.from_pretrained`) and its sliding window. Numerics follow weights.md §2.1–2.2: RMSNorm in
-   fp32, rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP.
-2. The MLLM (Sec. 4, Fig. 4): CLIP features -> mlp2x_gelu projector -> 576 image tokens spliced into
-   the sequence, followed by the special tokens <g>|<d>|<s>; during PT, embedding predictors read
-   chosen LLM layers and regress the target encoders' features (Eq. 1).
-"""
+    image -> base encoder (frozen) -> mlp2x_gelu projector -> N image tokens
+    sequence = <sys> | <img> × N | <t> × N_seek per task (Tab. III order) | <txt>
+    L_PT = L_NTP + Σ_task λ_task Σ_{l ∈ layer set} (λ_sL1 · smooth-L1 + λ_con · InfoNCE)   (Eq. 1)
+
+With no tasks and N_seek = 0 the same class is exactly LLaVA-1.5, the baseline of every table."""
+
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from encoders import CLIPVision, CLIPVisionConfig, load_strict, read_state_dict
+from checkpoint import load_strict, read_json, read_state_dict, replace_folder
+from encoders import VISION_TOWERS
+from llm import LLM, LLMConfig
 from losses import embedding_loss, ntp_loss
 from resampler import PerceiverResampler
+from tasks import IMAGE, PAD, PAPER_TOKEN_ORDER, SYS, TASKS, TEXT, check_tasks
 
-
-# ------------------------------------------------------------------------------------ config
-@dataclass
-class LLMConfig:
-    """Decoder hyper-parameters; the defaults are Meta-Llama-3-8B-Instruct (weights.md §2.1)."""
-    model_type: str = "llama"                 # 'llama' | 'phi3' (only the checkpoint layout differs)
-    vocab_size: int = 128256
-    hidden_size: int = 4096
-    intermediate_size: int = 14336
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 8
-    head_dim: int | None = None               # None -> hidden_size // n_heads
-    rope_theta: float = 500000.0
-    rope_scaling: dict | None = None          # Llama-3.1 'llama3' scaling, else None
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    sliding_window: int | None = None         # Phi-3: query i sees keys j with i - W < j <= i
-    max_position_embeddings: int = 8192
-    bos_token_id: int | None = 128000
-    eos_token_ids: tuple[int, ...] = (128009, 128001)   # <|eot_id|>, <|end_of_text|>
-    pad_token_id: int | None = None
-
-    def __post_init__(self):
-        if self.model_type not in ("llama", "phi3"):
-            raise ValueError(f"model_type {self.model_type!r} is not supported (expected 'llama' or 'phi3')")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        self.head_dim = self.head_dim or self.hidden_size // self.n_heads
-        self.eos_token_ids = tuple(self.eos_token_ids)
-
-    @classmethod
-    def preset(cls, name: str) -> LLMConfig:
-        """'llama3-8b' | 'phi3-mini-4k' | 'tiny' (the built-in CPU training size; callers set
-        vocab_size and the special ids from their tokenizer with `dataclasses.replace`)."""
-        presets = {
-            "llama3-8b": cls(),
-            "phi3-mini-4k": cls(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
-                                n_kv_heads=32, rope_theta=10000.0, sliding_window=2047, max_position_embeddings=4096,
-                                bos_token_id=1, eos_token_ids=(32000, 32001, 32007), pad_token_id=32000),
-            "tiny": cls(vocab_size=512, hidden_size=128, intermediate_size=256, n_layers=8, n_heads=4,
-                        n_kv_heads=2, max_position_embeddings=4096),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown LLM preset {name!r}; expected one of {sorted(presets)}")
-        return presets[name]
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> LLMConfig:
-        """Build from a Hugging Face `config.json` (Hub / transformers-4 layout with `rope_theta` +
-        `rope_scaling`, or transformers-5 `rope_parameters`). EOS ids of a `generation_config.json`
-        next to it are added (Phi-3 chat turns end with <|end|>, which only that file lists)."""
-        path = Path(path)
-        cfg = json.loads(path.read_text())
-        if cfg.get("model_type") not in ("llama", "phi3"):
-            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not supported "
-                             f"(expected 'llama' or 'phi3')")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "rms_norm_eps")
-        if missing := [k for k in required if k not in cfg]:
-            raise ValueError(f"{path}: missing field(s) {missing}")
-        rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        act = cfg.get("hidden_act", "silu")
-        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if (act, partial) != ("silu", 1):   # (biases need no check: strict loading reports them as unexpected keys)
-            raise ValueError(f"{path}: hidden_act={act!r}, partial_rotary_factor={partial} is not supported "
-                             f"(expected 'silu', 1.0)")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (expected 'default' or 'llama3')")
-        llama3_keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-        if rope_type == "llama3" and not llama3_keys <= rope.keys():
-            raise ValueError(f"{path}: llama3 rope scaling needs {sorted(llama3_keys)}, found {sorted(rope)}")
-        eos = []
-        for f in (path, path.parent / "generation_config.json"):
-            e = json.loads(f.read_text()).get("eos_token_id") if f.exists() else None
-            eos += [] if e is None else [e] if isinstance(e, int) else list(e)
-        return cls(
-            model_type=cfg["model_type"], vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim"), rope_theta=float(theta),
-            rope_scaling={k: rope[k] for k in llama3_keys} if rope_type == "llama3" else None,
-            rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            sliding_window=cfg.get("sliding_window") if cfg["model_type"] == "phi3" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)),
-            pad_token_id=cfg.get("pad_token_id"))
-
-
-# ------------------------------------------------------------------------------------ layers
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()                       # normalise in fp32, scale in the model dtype
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rope_frequencies(config: LLMConfig) -> torch.Tensor:
-    """inv_freq (head_dim/2,) fp32, with Llama-3.1 'llama3' rescaling when configured."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
-    s = config.rope_scaling
-    if s:  # wavelengths above orig/low_freq_factor are divided by `factor`, below orig/high kept, blended between
-        wavelen, lo, hi = 2 * math.pi / inv_freq, s["low_freq_factor"], s["high_freq_factor"]
-        smooth = ((s["original_max_position_embeddings"] / wavelen - lo) / (hi - lo)).clamp(0, 1)
-        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
-    return inv_freq
-
-
-def rope_cos_sin(config: LLMConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32 (rotate-half layout).
-    Recomputed each forward from the config: no buffer to go stale under meta init or .to(dtype)."""
-    freqs = positions[..., None].float() * rope_frequencies(config).to(positions.device)   # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, h, T, D) -> x·cos + rotate_half(x)·sin, rotate_half(x) = (-x2, x1); computed in fp32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-
-
-def attention_mask_4d(mask: torch.Tensor, n_new: int, window: int | None) -> torch.Tensor:
-    """mask (B, S) True = real token, for all S tokens seen (cached + new) -> (B, 1, n_new, S) bool,
-    True = may attend. Causal + padding (+ sliding window); every query sees itself, so padding
-    queries never get an empty softmax row (NaN)."""
-    S = mask.shape[1]
-    q = torch.arange(S - n_new, S, device=mask.device)[:, None]   # (n_new, 1) sequence index of each query
-    k = torch.arange(S, device=mask.device)[None]                 # (1, S)
-    allowed = (k <= q) & mask[:, None, None, :]
-    if window:
-        allowed = allowed & (k > q - window)
-    return allowed | (k == q)
-
-
-class Attention(nn.Module):
-    """Grouped-query attention: n_kv_heads key/value heads shared by n_heads query heads."""
-
-    def __init__(self, c: LLMConfig):
-        super().__init__()
-        self.head_dim, self.n_rep = c.head_dim, c.n_heads // c.n_kv_heads
-        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, mask, past=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:                                               # KV cache: (B, KV, S_past, D)
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        # each KV head serves n_rep consecutive query heads (the reference's repeat_kv); explicit rather than
-        # SDPA's enable_gqa, which not every masked GPU kernel supports (it would fall back to math)
-        kr, vr = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)   # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)                            # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, c: LLMConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    """Pre-norm decoder block (Llama and Phi-3 alike)."""
-
-    def __init__(self, c: LLMConfig):
-        super().__init__()
-        self.attn_norm, self.attn = RMSNorm(c.hidden_size, c.rms_norm_eps), Attention(c)
-        self.mlp_norm, self.mlp = RMSNorm(c.hidden_size, c.rms_norm_eps), MLP(c)
-
-    def forward(self, x, cos, sin, mask, past=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kv
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits (B, V) -> ids (B,): argmax, or sampling from the smallest top-p nucleus at `temperature`."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs, ids = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)   # the top token always survives
-    return ids.gather(-1, torch.multinomial(probs, 1))[:, 0]
-
-
-# ------------------------------------------------------------------------------------ model
-@dataclass
-class KVCache:
-    mask: torch.Tensor                                  # (B, S) True = real token, every token seen so far
-    layers: list[tuple[torch.Tensor, torch.Tensor]]     # per block: keys, values (B, n_kv_heads, S, head_dim)
-
-
-@dataclass
-class LLMOutput:
-    logits: torch.Tensor                                # (B, T, V), or (N, V) with a logits_mask
-    hidden_states: tuple[torch.Tensor, ...] | None      # n_layers + 1 tensors (B, T, H)
-    kv_cache: KVCache | None
-
-
-# Our parameter name -> its (Llama, Phi-3) name in the Hub checkpoints (weights.md §2.1–2.2); {i} = block.
-# Phi-3 fuses q|k|v and gate|up: our names that share one checkpoint tensor take its rows in table order.
-HF_KEYS = {
-    "embed_tokens.weight": ("model.embed_tokens.weight",) * 2,
-    "layers.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",) * 2,
-    "layers.{i}.attn.q_proj.weight": ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.qkv_proj.weight"),
-    "layers.{i}.attn.k_proj.weight": ("model.layers.{i}.self_attn.k_proj.weight", "model.layers.{i}.self_attn.qkv_proj.weight"),
-    "layers.{i}.attn.v_proj.weight": ("model.layers.{i}.self_attn.v_proj.weight", "model.layers.{i}.self_attn.qkv_proj.weight"),
-    "layers.{i}.attn.o_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",) * 2,
-    "layers.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",) * 2,
-    "layers.{i}.mlp.gate_proj.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"),
-    "layers.{i}.mlp.up_proj.weight": ("model.layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"),
-    "layers.{i}.mlp.down_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",) * 2,
-    "norm.weight": ("model.norm.weight",) * 2,
-    "lm_head.weight": ("lm_head.weight",) * 2,            # absent when tie_word_embeddings
+IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids, replaced by the image + special tokens
+IGNORE_INDEX = -100  # labels of positions without a next-token loss
+KEY_INPUTS = {  # which segments an embedding predictor reads as keys (App. Tab. I); "t" = its own <t>
+    "img+t": ("img", "t"),
+    "sys+img+t": ("sys", "img", "t"),
+    "sys+img+t+txt": ("sys", "img", "t", "txt"),
 }
-
-
-class LLM(nn.Module):
-    """Decoder-only LM: embed_tokens -> n_layers Blocks -> norm -> lm_head (or the tied embedding)."""
-
-    def __init__(self, config: LLMConfig):
-        super().__init__()
-        c = self.config = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.gradient_checkpointing = False   # recompute each block in backward (training only)
-        for m in self.modules():              # N(0, 0.02) like the reference's initializer_range
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-
-    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
-                logits_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                use_cache: bool = False) -> LLMOutput:
-        """attention_mask (B, T) True/1 = real token, for the T new tokens only (the cache keeps the
-        past). hidden_states: [0] embeddings, [k] output of block k, [-1] after the final norm."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds     # (B, T, H)
-        B, T = x.shape[:2]
-        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None \
-            else attention_mask.bool()
-        if kv_cache is not None:
-            mask = torch.cat((kv_cache.mask, mask), dim=1)                             # (B, S)
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]   # real tokens count 0, 1, ... like the
-        # reference's generate with left padding (RoPE is relative: the offset only changes rounding)
-        cos, sin = rope_cos_sin(self.config, positions)
-        attn_mask = attention_mask_4d(mask, T, self.config.sliding_window)             # (B, 1, T, S)
-        hidden, new_kv = [x], []
-        for i, block in enumerate(self.layers):
-            past = kv_cache.layers[i] if kv_cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                x, kv = checkpoint(block, x, cos, sin, attn_mask, past, use_reentrant=False)
-            else:
-                x, kv = block(x, cos, sin, attn_mask, past)
-            hidden += [x] if output_hidden_states else []
-            new_kv += [kv] if use_cache else []
-        x = self.norm(x)
-        if output_hidden_states:
-            hidden[-1] = x                          # reference convention: the last entry is normed
-        if logits_mask is not None:
-            x = x[logits_mask.bool()]               # (N, H): e.g. answer positions only
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return LLMOutput(F.linear(x, head), tuple(hidden) if output_hidden_states else None,
-                         KVCache(mask, new_kv) if use_cache else None)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Prefill the (left-padded) prompts, then decode one token per step with the KV cache.
-        Greedy when temperature == 0, else temperature + top-p sampling. Returns (B, n_new) ids;
-        rows that hit EOS early are filled with the pad id; stops when every row has hit EOS."""
-        x = input_ids if inputs_embeds is None else inputs_embeds
-        B, device = x.shape[0], x.device
-        if attention_mask is not None and not attention_mask[:, -1].bool().all():
-            raise ValueError("generate needs left padding: attention_mask[:, -1] must be all True")
-        eos_token_ids = self.config.eos_token_ids if eos_token_ids is None else eos_token_ids
-        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-        last = (torch.arange(x.shape[1], device=device) == x.shape[1] - 1).expand(B, -1)   # (B, T) logits there
-        out = self(input_ids, inputs_embeds, attention_mask, logits_mask=last, use_cache=True)   # prefill
-        logits, done, tokens = out.logits, torch.zeros(B, dtype=torch.bool, device=device), []   # (B, V)
-        for _ in range(max_new_tokens):
-            next_id = sample(logits, temperature, top_p).masked_fill(done, pad)   # (B,)
-            tokens.append(next_id)
-            if streamer is not None:
-                streamer(next_id)
-            done |= torch.isin(next_id, eos)
-            if done.all():
-                break
-            out = self(next_id[:, None], kv_cache=out.kv_cache, use_cache=True)
-            logits = out.logits[:, -1]
-        return torch.stack(tokens, 1) if tokens else torch.empty(B, 0, dtype=torch.long, device=device)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> LLM:
-        """Load a Hugging Face Llama / Phi-3 folder (config.json + safetensors, sharded or not).
-        Built on the meta device and materialised once in `dtype` on `device`; strict keys."""
-        path = Path(path)
-        config = LLMConfig.from_json(path / "config.json")
-        with torch.device("meta"):
-            model = cls(config).to(dtype)
-        model = model.to_empty(device=device)
-        rows = {k: v.shape[0] for k, v in model.state_dict().items()}
-        col, names = int(config.model_type == "phi3"), {}          # our key -> checkpoint key
-        for ours, hf in HF_KEYS.items():
-            for i in range(config.n_layers) if "{i}" in ours else [0]:
-                if ours.format(i=i) in rows:
-                    names[ours.format(i=i)] = hf[col].format(i=i)
-        ours_of = {}                                               # checkpoint key -> our key(s), in row order
-        for ours, hf in names.items():
-            ours_of.setdefault(hf, []).append(ours)
-        state = {}
-        for hf, t in read_state_dict(path).items():
-            ours = ours_of.get(hf, [hf])                # unknown keys stay as they are -> reported unexpected
-            if len(ours) == 1:
-                state[ours[0]] = t
-                continue
-            sizes = [rows[k] for k in ours]             # Phi-3: q|k|v by head counts, gate|up
-            if t.shape[0] != sum(sizes):
-                raise ValueError(f"cannot load {path}: fused {hf} has shape {list(t.shape)}, expected "
-                                 f"{' + '.join(map(str, sizes))} rows for {', '.join(ours)}")
-            state.update(zip(ours, t.split(sizes)))
-        return load_strict(model, state, path, names).eval()
-
-
-# ============================================================================ 2. OLA-VLM (Sec. 4)
-TASKS = ("depth", "seg", "gen")
-# Segment ids recorded at splice time: which span each position belongs to (SPEC §2).
-PAD, TEXT, IMAGE, GEN, DEPTH, SEG = range(6)
-TASK_SEGMENT = {"gen": GEN, "depth": DEPTH, "seg": SEG}
 
 
 @dataclass
 class OLAConfig:
-    """OLA-VLM hyper-parameters with the paper's defaults (Sec. 4-5, Tab. 3-5, Tab. III-IV)."""
-    depth_layers: tuple[int, ...] = (8, 20)       # D (Tab. 3), 1-based block outputs of a 32-layer LLM
-    seg_layers: tuple[int, ...] = (10, 18)        # S
-    gen_layers: tuple[int, ...] = (12, 20)        # G
-    num_seek_tokens: int = 8                      # N_seek tokens per task in the sequence (Tab. 5)
-    token_order: tuple[str, ...] = ("gen", "depth", "seg")  # <g>|<d>|<s> (Tab. III)
-    emb_loss_weight: float = 0.5                  # λ per layer (Tab. IV)
-    contrastive_weight: float = 0.3               # L_emb = L_sL1 + 0.3 L_con (Sec. 4.2)
-    logit_scale_init: float = 2.0                 # InfoNCE scale = clamp(exp(s), max=100)
-    predictor_heads: int = 4                      # single-layer Perceiver resampler, 4 x 32 (SPEC §2)
+    """OLA-VLM hyper-parameters with the paper's defaults (Sec. 4-5, Tab. 3-5, App. Tab. I-V)."""
+
+    tasks: tuple[str, ...] = ("depth", "seg", "gen")  # distilled teachers (App. Tab. II); () = LLaVA-1.5
+    layer_sets: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # task -> layers (32-layer LLM); Tab. 3
+    num_seek_tokens: int = 8  # N_seek special tokens per task in the sequence (Tab. 5); 0 = none
+    token_order: tuple[str, ...] | None = None  # order of the <t> blocks (App. Tab. III); None: <g>|<d>|<s>
+    task_weights: dict[str, float] = field(default_factory=dict)  # λ_task (App. Tab. IV); missing: 0.5
+    sl1_weight: float = 1.0  # λ_sL1 (Sec. 4.2; App. Tab. V)
+    contrastive_weight: float = 0.3  # λ_con (Sec. 4.2; App. Tab. V)
+    logit_scale_init: float = 2.0  # InfoNCE scale = clamp(exp(s), max=100)
+    key_input: str = "sys+img+t+txt"  # the predictor's keys (App. Tab. I)
+    predictor_heads: int = 4  # single-layer Perceiver resampler, 4 heads × 32 (Sec. 4.1)
     predictor_dim_head: int = 32
     predictor_depth: int = 1
-    vision_select_layer: int = -2                 # LLaVA: penultimate CLIP block
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        check_tasks(self.tasks)
+        if self.token_order is None:
+            paper = [t for t in PAPER_TOKEN_ORDER if t in self.tasks]
+            self.token_order = tuple(paper + [t for t in self.tasks if t not in paper])
+        self.token_order = tuple(self.token_order)
+        if sorted(self.token_order) != sorted(self.tasks):
+            raise ValueError(f"token_order {self.token_order} must order exactly the tasks {self.tasks}")
+        self.layer_sets = {task: tuple(layers) for task, layers in self.layer_sets.items()}
+        extra = set(self.layer_sets) | set(self.task_weights)
+        if extra - set(TASKS):
+            raise ValueError(f"layer_sets / task_weights name unknown task(s) {sorted(extra - set(TASKS))}")
+        if self.key_input not in KEY_INPUTS:
+            raise ValueError(f"key_input {self.key_input!r}: expected one of {list(KEY_INPUTS)}")
+        if self.num_seek_tokens < 0:
+            raise ValueError(f"num_seek_tokens must be >= 0, got {self.num_seek_tokens}")
 
     def layer_set(self, task: str, n_layers: int) -> tuple[int, ...]:
         """The task's layer set, scaled proportionally when the LLM is not 32 layers deep."""
-        layers = getattr(self, f"{task}_layers")
-        return tuple(sorted({min(n_layers, max(1, int(l * n_layers / 32 + 0.5))) for l in layers}))
+        layers = self.layer_sets.get(task, TASKS[task].layers)
+        return tuple(sorted({min(n_layers, max(1, int(layer * n_layers / 32 + 0.5))) for layer in layers}))
+
+    def task_weight(self, task: str) -> float:
+        return self.task_weights.get(task, 0.5)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> OLAConfig:
+        """From `asdict` output read back from JSON (lists -> tuples)."""
+        values = dict(values)
+        for key in ("tasks", "token_order"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
 
 
 class SeekTokens(nn.Module):
-    """The special tokens <g>, <d>, <s> (Sec. 4.1). Depth and seg own a query matrix
-    Q_task (576, H); their 8 sequence tokens are means of its 8 contiguous chunks. Gen owns 8 tokens."""
+    """The special tokens <t> (Sec. 4.1). A spatial task owns a query matrix Q_task (N, H), e.g. `q_depth`;
+    its N_seek sequence tokens are the means of N_seek contiguous chunks of it. A global task owns its
+    N_seek tokens directly, e.g. `gen_tokens` (the <g> tokens)."""
 
-    def __init__(self, num_image_tokens: int, hidden: int, num_seek: int):
+    def __init__(self, tasks: tuple[str, ...], num_image_tokens: int, hidden: int, num_seek: int):
         super().__init__()
         if num_image_tokens % num_seek:
             raise ValueError(f"{num_image_tokens} image tokens do not split into {num_seek} seek tokens")
         self.num_seek = num_seek
-        self.depth = nn.Parameter(torch.randn(num_image_tokens, hidden))  # Q_depth (576, H), std 1
-        self.seg = nn.Parameter(torch.randn(num_image_tokens, hidden))    # Q_seg   (576, H)
-        self.gen = nn.Parameter(torch.randn(num_seek, hidden))            # <g>     (8, H)
+        self.names = {}
+        for task in tasks:  # randn init, std 1, as released
+            if TASKS[task].spatial:
+                self.names[task] = f"q_{task}"
+                self.register_parameter(self.names[task], nn.Parameter(torch.randn(num_image_tokens, hidden)))
+            else:
+                self.names[task] = f"{task}_tokens"
+                self.register_parameter(self.names[task], nn.Parameter(torch.randn(num_seek, hidden)))
+
+    def parameter(self, task: str) -> nn.Parameter:
+        """Q_task (N, H) of a spatial task, the N_seek tokens of a global one."""
+        return getattr(self, self.names[task])
 
     def forward(self, task: str) -> torch.Tensor:
-        """The task's N_seek sequence tokens, (8, H)."""
-        q = getattr(self, task)  # depth/seg: average-pool Q's 8 contiguous chunks into N_seek tokens
-        return q if task == "gen" else q.view(self.num_seek, -1, q.shape[-1]).mean(1)
+        """The task's N_seek sequence tokens (N_seek, H): Q_task average-pooled in contiguous chunks."""
+        p = self.parameter(task)
+        if not TASKS[task].spatial:
+            return p
+        return p.view(self.num_seek, -1, p.shape[-1]).mean(1)
 
 
 class EmbeddingPredictors(nn.Module):
-    """P_task^l for each task and each layer l of its layer set (Fig. 4), and one learnable
-    InfoNCE logit scale per task (Sec. 4.2)."""
+    """P_task^l for every task and every layer l of its layer set (Fig. 4), and one learnable InfoNCE logit
+    scale per task (Sec. 4.2) when the contrastive term is on. `own_latents`: without special tokens
+    (N_seek = 0) each predictor learns its own queries, as the released code does."""
 
-    def __init__(self, cfg: OLAConfig, hidden: int, n_layers: int, target_dims: dict[str, int]):
+    def __init__(
+        self,
+        cfg: OLAConfig,
+        hidden: int,
+        n_layers: int,
+        target_dims: dict[str, int],
+        num_image_tokens: int,
+        own_latents: bool = False,
+    ):
         super().__init__()
         self.cfg = cfg
-        self.layer_sets = {t: cfg.layer_set(t, n_layers) for t in TASKS}
-        width = {"depth": hidden, "seg": target_dims["seg"], "gen": target_dims["gen"]}  # SPEC §2
-        self.heads = nn.ModuleDict({t: nn.ModuleDict({
-            str(l): PerceiverResampler(hidden, width[t], target_dims[t], depth=cfg.predictor_depth,
-                                       heads=cfg.predictor_heads, dim_head=cfg.predictor_dim_head)
-            for l in self.layer_sets[t]}) for t in TASKS})
-        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for t in TASKS})
+        self.layer_sets = {task: cfg.layer_set(task, n_layers) for task in cfg.tasks}
+        self.heads = nn.ModuleDict()
+        for task in cfg.tasks:
+            spec = TASKS[task]
+            width = hidden if spec.predictor_width == "llm" else target_dims[task]
+            num_latents = None
+            if own_latents:
+                num_latents = num_image_tokens if spec.spatial else 1
+            heads = {}
+            for layer in self.layer_sets[task]:
+                heads[str(layer)] = PerceiverResampler(
+                    hidden,
+                    width,
+                    target_dims[task],
+                    num_latents=num_latents,
+                    depth=cfg.predictor_depth,
+                    heads=cfg.predictor_heads,
+                    dim_head=cfg.predictor_dim_head,
+                )
+            self.heads[task] = nn.ModuleDict(heads)
+        self.logit_scales = None
+        if cfg.contrastive_weight:
+            scales = {task: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for task in cfg.tasks}
+            self.logit_scales = nn.ParameterDict(scales)
 
-    def predict(self, task: str, layer: int, hidden: torch.Tensor, segments: torch.Tensor,
-                tokens: SeekTokens) -> torch.Tensor:
-        """Predict the task's target from layer `layer`'s hidden states (B, T, H)."""
-        others = [TASK_SEGMENT[t] for t in TASKS if t != task]
-        keys = (segments != PAD) & ~torch.isin(segments, torch.tensor(others, device=segments.device))
-        if task == "gen":  # one query: the mean of the layer's hidden states at the 8 <g> positions
-            g = (segments == GEN).unsqueeze(-1).to(hidden.dtype)                          # (B, T, 1)
-            latents = (hidden * g).sum(1, keepdim=True) / g.sum(1, keepdim=True).clamp(min=1)  # (B, 1, H)
-        else:              # 576 queries: Q_task itself
-            latents = getattr(tokens, task).unsqueeze(0)           # (1, 576, H), shared by the batch
-        return self.heads[task][str(layer)](hidden, latents, keys)
+    def key_mask(self, task: str, segments: torch.Tensor) -> torch.Tensor:
+        """(B, T) True where the task's predictor reads keys: the segments of cfg.key_input (App. Tab. I);
+        never padding nor the other tasks' special tokens."""
+        codes = {"sys": [SYS], "img": [IMAGE], "t": [TASKS[task].segment], "txt": [TEXT]}
+        wanted = [code for part in KEY_INPUTS[self.cfg.key_input] for code in codes[part]]
+        return torch.isin(segments, torch.tensor(wanted, device=segments.device))
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], segments: torch.Tensor, tokens: SeekTokens,
-                targets: dict[str, torch.Tensor], valid: torch.Tensor):
-        """Sum of λ·L_emb over every task and layer (Eq. 1), every term for logging, and the (detached)
-        predictions. `targets[task]` is (B, ...) with rows of samples without an image ignored."""
-        total, terms, preds = 0.0, {}, {}
-        for t in TASKS:
-            for l in self.layer_sets[t]:
-                pred = self.predict(t, l, hidden_states[l], segments, tokens)
-                emb, sl1, con = embedding_loss(pred, targets[t], self.logit_scales[t], valid,
-                                               contrastive_weight=self.cfg.contrastive_weight)
-                total = total + self.cfg.emb_loss_weight * emb
-                terms[f"{t}@{l}/sl1"], terms[f"{t}@{l}/con"], preds[(t, l)] = sl1.detach(), con.detach(), pred.detach()
-        return total, terms, preds
+    def predict(
+        self, task: str, layer: int, hidden: torch.Tensor, segments: torch.Tensor, tokens: SeekTokens | None
+    ) -> torch.Tensor:
+        """Predict the task's target from layer `layer`'s hidden states (B, T, H). -> (B, N or 1, C)"""
+        head = self.heads[task][str(layer)]
+        keys = self.key_mask(task, segments)
+        if head.latents is not None:  # own queries (no special tokens)
+            return head(hidden, key_mask=keys)
+        if TASKS[task].spatial:  # N queries: Q_task itself, shared by the batch
+            latents = tokens.parameter(task).unsqueeze(0)  # (1, N, H)
+        else:  # one query: the mean of the layer's hidden states at the task's N_seek <t> positions
+            own = (segments == TASKS[task].segment).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            latents = (hidden * own).sum(1, keepdim=True) / own.sum(1, keepdim=True).clamp(min=1)  # (B, 1, H)
+        return head(hidden, latents, keys)
+
+    def forward(
+        self,
+        hidden_states: tuple[torch.Tensor, ...],
+        segments: torch.Tensor,
+        tokens: SeekTokens | None,
+        targets: dict[str, torch.Tensor],
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+        """Σ_task λ_task Σ_l L_emb^l (Eq. 1), every term for logging, and the (detached) predictions.
+        `targets[task]` is (B, ...); rows of samples without an image (valid False) are ignored."""
+        total = 0.0
+        terms = {}
+        predictions = {}
+        for task in self.cfg.tasks:
+            scale = None if self.logit_scales is None else self.logit_scales[task]
+            for layer in self.layer_sets[task]:
+                pred = self.predict(task, layer, hidden_states[layer], segments, tokens)
+                emb, sl1, con = embedding_loss(
+                    pred, targets[task], scale, valid, self.cfg.sl1_weight, self.cfg.contrastive_weight
+                )
+                total = total + self.cfg.task_weight(task) * emb
+                terms[f"{task}@{layer}/sl1"] = sl1.detach()
+                if con is not None:
+                    terms[f"{task}@{layer}/con"] = con.detach()
+                predictions[(task, layer)] = pred.detach()
+        return total, terms, predictions
 
 
 @dataclass
 class OLAOutput:
     loss: torch.Tensor | None
-    terms: dict[str, torch.Tensor]           # every loss term, detached, for logging
+    terms: dict[str, torch.Tensor]  # every loss term, detached, for logging
     predictions: dict[tuple[str, int], torch.Tensor]
     hidden_states: tuple[torch.Tensor, ...] | None = None
     segments: torch.Tensor | None = None
 
 
 class OLAVLM(nn.Module):
-    """LLaVA-1.5-style MLLM with OLA-VLM's special tokens and embedding predictors (Fig. 4).
-    Components: `vision` (frozen CLIP), `projector` (mlp2x_gelu), `tokens` (<g>|<d>|<s>), `llm`, and in PT
-    `predictors`. `sources`: the weight folder of each base component (None = random init), for checkpoints."""
+    """LLaVA-1.5-style MLLM with OLA-VLM's special tokens and embedding predictors (Fig. 4). Components:
+    `vision` (the frozen base encoder), `projector` (mlp2x_gelu), `tokens` (<t>, or None), `llm`, and in PT
+    `predictors` (or None). `sources`: the weight folder of each base component (None = random init)."""
 
-    def __init__(self, cfg: OLAConfig, llm: LLM, vision: CLIPVision,
-                 target_dims: dict[str, int] | None = None, sources: dict[str, str | None] | None = None):
+    def __init__(
+        self,
+        cfg: OLAConfig,
+        llm: LLM,
+        vision: nn.Module,
+        target_dims: dict[str, int] | None = None,
+        sources: dict[str, str | None] | None = None,
+    ):
         super().__init__()
-        self.cfg, self.sources = cfg, dict(sources or {"llm": None, "vision": None})
-        H, C = llm.config.hidden_size, vision.config.hidden_size
-        self.num_image_tokens = (vision.config.image_size // vision.config.patch_size) ** 2  # 576
-        self.image_seq_len = self.num_image_tokens + len(cfg.token_order) * cfg.num_seek_tokens  # one <image>: 576 + 24
-        self.vision, self.llm = vision.requires_grad_(False), llm
-        self.projector = nn.Sequential(nn.Linear(C, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
-        self.tokens = SeekTokens(self.num_image_tokens, H, cfg.num_seek_tokens)
-        self.target_dims = target_dims
-        self.predictors = EmbeddingPredictors(cfg, H, llm.config.n_layers, target_dims) if target_dims else None
+        self.cfg = cfg
+        self.sources = dict(sources or {"llm": None, "vision": None})
+        H = llm.config.hidden_size
+        self.num_image_tokens = vision.num_tokens  # 576 for both base encoders
+        n_special = len(cfg.tasks) * cfg.num_seek_tokens
+        self.image_seq_len = self.num_image_tokens + n_special  # positions one <image> becomes
+        self.vision = vision.requires_grad_(False)
+        self.llm = llm
+        self.projector = nn.Sequential(nn.Linear(vision.width, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
+        self.tokens = None
+        if n_special:
+            self.tokens = SeekTokens(cfg.tasks, self.num_image_tokens, H, cfg.num_seek_tokens)
+        self.target_dims = None
+        self.predictors = None
+        if target_dims and cfg.tasks:
+            self.target_dims = {task: target_dims[task] for task in cfg.tasks}
+            self.predictors = EmbeddingPredictors(
+                cfg,
+                H,
+                llm.config.n_layers,
+                self.target_dims,
+                self.num_image_tokens,
+                own_latents=not n_special,
+            )
 
     # ------------------------------------------------------------------ sequence assembly
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 336, 336) -> (N, 576, H): frozen CLIP penultimate patch tokens, then the projector."""
+        """(N, 3, S, S) -> (N, 576, H): frozen base-encoder features, then the projector."""
         with torch.no_grad():
-            feats = self.vision.features(images, layer=self.cfg.vision_select_layer)  # (N, 576, 1024)
+            feats = self.vision.features(images)  # (N, 576, 1024 | 3072)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
-    def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-               images: torch.Tensor | None = None, left_pad: bool = False):
-        """Replace each IMAGE_TOKEN_INDEX by 576 image tokens + <g>|<d>|<s> (Sec. 4.1). Returns
-        inputs_embeds (B, T', H), attention mask, labels (-100 on inserted tokens) and
-        `segments` (B, T'): the segment id of every position (PAD, TEXT, IMAGE, GEN, DEPTH, SEG).
-        """
-        dev = input_ids.device
-        text = self.llm.embed_tokens(input_ids.clamp(min=0))                      # (B, T, H)
-        feats = self.encode_images(images) if images is not None and len(images) else None
-        special = torch.cat([self.tokens(t) for t in self.cfg.token_order]).to(text.dtype)   # (24, H)
-        special_seg = torch.cat([torch.full((self.cfg.num_seek_tokens,), TASK_SEGMENT[t], device=dev)
-                                 for t in self.cfg.token_order])
-        labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
-        rows, n_used = [], 0
+    def special_tokens(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The <t> blocks in token order and their segment ids: (len(tasks)·N_seek, H), (len(tasks)·N_seek,)"""
+        if self.tokens is None:
+            hidden = self.llm.config.hidden_size
+            return torch.zeros(0, hidden, dtype=dtype, device=device), torch.zeros(
+                0, dtype=torch.long, device=device
+            )
+        order = self.cfg.token_order
+        embeds = torch.cat([self.tokens(task) for task in order]).to(dtype)
+        n = self.cfg.num_seek_tokens
+        segments = torch.cat([torch.full((n,), TASKS[task].segment, device=device) for task in order])
+        return embeds, segments
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        left_pad: bool = False,
+    ):
+        """Replace each IMAGE_TOKEN_INDEX by the image tokens + the <t> blocks (Sec. 4.1). Returns
+        inputs_embeds (B, T', H), attention mask, labels (-100 on inserted tokens) and `segments` (B, T'):
+        the segment id of every position (PAD, SYS, IMAGE, a task's, TEXT)."""
+        device = input_ids.device
+        text = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, H)
+        feats = None
+        if images is not None and len(images):
+            feats = self.encode_images(images)
+        special, special_segments = self.special_tokens(text.dtype, device)  # (24, H), (24,)
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        rows = []
+        n_used = 0
         for b in range(input_ids.shape[0]):
             real = attention_mask[b].bool()
             ids, emb, lab = input_ids[b][real], text[b][real], labels[b][real]
@@ -525,126 +310,202 @@ class OLAVLM(nn.Module):
             if len(where) > 1:
                 raise ValueError(f"sample {b} has {len(where)} images; OLA-VLM takes at most one")
             if where:
-                p, img = where[0], feats[n_used].to(text.dtype)
+                p = where[0]
+                img = feats[n_used].to(text.dtype)
                 n_used += 1
-                inserted = torch.cat([img, special])                                  # (576+24, H)
-                emb = torch.cat([emb[:p], inserted, emb[p + 1:]])
-                seg = torch.cat([seg[:p], torch.full((len(img),), IMAGE, device=dev), special_seg, seg[p + 1:]])
-                lab = torch.cat([lab[:p], torch.full((len(inserted),), IGNORE_INDEX, device=dev), lab[p + 1:]])
+                inserted = torch.cat([img, special])  # (576 + 24, H)
+                image_segments = torch.full((len(img),), IMAGE, device=device)
+                sys = torch.full((p,), SYS, device=device)
+                emb = torch.cat([emb[:p], inserted, emb[p + 1 :]])
+                seg = torch.cat([sys, image_segments, special_segments, seg[p + 1 :]])
+                no_loss = torch.full((len(inserted),), IGNORE_INDEX, device=device)
+                lab = torch.cat([lab[:p], no_loss, lab[p + 1 :]])
             rows.append((emb, seg, lab))
         if feats is not None and n_used != len(feats):
             raise ValueError(f"{len(feats)} images for {n_used} <image> placeholders")
         side = "left" if left_pad else "right"
-        emb, seg, lab = (pad_sequence(list(r), batch_first=True, padding_value=v, padding_side=side)
-                         for r, v in zip(zip(*rows), (0.0, PAD, IGNORE_INDEX)))   # zero embeddings on pads
-        return emb, seg != PAD, lab, seg
+        embeds, segments, labels = (
+            pad_sequence(list(column), batch_first=True, padding_value=value, padding_side=side)
+            for column, value in zip(zip(*rows), (0.0, PAD, IGNORE_INDEX))  # zero embeddings on pads
+        )
+        return embeds, segments != PAD, labels, segments
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
-                targets: dict[str, torch.Tensor] | None = None, output_hidden_states: bool = False) -> OLAOutput:
-        """L_PT = L_NTP + Σ_task Σ_{l ∈ layer set} λ·L_emb (Eq. 1). `targets[task]` has one row per
-        image (TargetEncoders output); without targets or predictors only L_NTP is computed."""
+    def full_targets(
+        self, targets: dict[str, torch.Tensor], has_image: torch.Tensor, like: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Targets come one row per image: scatter them to one row per sample (zeros for text-only samples,
+        which the losses mask)."""
+        rows = has_image.nonzero().flatten()
+        full = {}
+        for task in self.cfg.tasks:
+            n = self.num_image_tokens if TASKS[task].spatial else 1
+            full[task] = like.new_zeros(len(has_image), n, self.target_dims[task], dtype=torch.float32)
+            if task in targets:
+                full[task] = full[task].index_copy(0, rows, targets[task].float())
+        return full
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        targets: dict[str, torch.Tensor] | None = None,
+        output_hidden_states: bool = False,
+    ) -> OLAOutput:
+        """L_PT = L_NTP + Σ_task λ_task Σ_l L_emb^l (Eq. 1). `targets[task]` has one row per image; without
+        targets or predictors only L_NTP is computed."""
         embeds, attn, labels, segments = self.splice(input_ids, attention_mask, labels, images)
         distill = self.predictors is not None and targets is not None
-        shift = labels[:, 1:] != IGNORE_INDEX                   # position t predicts token t+1
-        out = self.llm(inputs_embeds=embeds, attention_mask=attn,
-                       output_hidden_states=distill or output_hidden_states,
-                       logits_mask=F.pad(shift, (0, 1), value=False))
+        shift = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attn,
+            output_hidden_states=distill or output_hidden_states,
+            logits_mask=F.pad(shift, (0, 1), value=False),  # logits only where a label follows
+        )
         ntp = ntp_loss(out.logits, labels[:, 1:][shift])
-        loss, terms, preds = ntp, {"ntp": ntp.detach()}, {}
+        loss = ntp
+        terms = {"ntp": ntp.detach()}
+        predictions = {}
         if distill:
-            if has_image is None:  # targets come one row per image
+            if has_image is None:
                 raise ValueError("PT forward needs has_image to align targets with samples")
-            full = {}  # (B, ...) targets; rows of text-only samples stay 0 and are masked by the losses
-            for t in TASKS:
-                full[t] = embeds.new_zeros(len(has_image), 1 if t == "gen" else self.num_image_tokens,
-                                           self.target_dims[t], dtype=torch.float32)
-                if t in targets:  # targets[t] has one row per image
-                    full[t] = full[t].index_copy(0, has_image.nonzero().flatten(), targets[t].float())
-            emb, terms_emb, preds = self.predictors(out.hidden_states, segments, self.tokens, full, has_image)
+            full = self.full_targets(targets, has_image, embeds)
+            emb, emb_terms, predictions = self.predictors(
+                out.hidden_states, segments, self.tokens, full, has_image
+            )
             loss = loss + emb
-            terms.update(terms_emb, emb=emb.detach())
-        return OLAOutput(loss, terms, preds, out.hidden_states if output_hidden_states else None, segments)
+            terms.update(emb_terms, emb=emb.detach())
+        hidden = out.hidden_states if output_hidden_states else None
+        return OLAOutput(loss, terms, predictions, hidden, segments)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 images: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Answer ids (B, n_new) for prompts with an <image> placeholder; kwargs go to LLM.generate."""
         embeds, attn, _, _ = self.splice(input_ids, attention_mask, images=images, left_pad=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attn, **kwargs)
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, folder: str | os.PathLike, components: tuple[str, ...],
-             state: dict[str, torch.Tensor] | None = None) -> None:
-        """Write config.json + model.safetensors holding `components` (and every base component
-        that has no source folder). `state`: a full state dict gathered under FSDP (default: ours).
-        Written to a temporary folder, then renamed: a checkpoint is never half-written."""
+    # ------------------------------------------------------------------ checkpoints (docs/design.md §7)
+    def config_dict(self, stored: list[str]) -> dict:
+        return {
+            "ola": asdict(self.cfg),
+            "llm": asdict(self.llm.config),
+            "vision": {"kind": self.vision.kind, "config": asdict(self.vision.config)},
+            "target_dims": self.target_dims,
+            "sources": self.sources,
+            "stored": stored,
+        }
+
+    def save(
+        self,
+        folder: str | os.PathLike,
+        components: tuple[str, ...],
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write config.json + model.safetensors holding `components` (and every base component that has no
+        source folder). `state`: a full state dict gathered under FSDP (default: ours). Written to a
+        temporary folder, then renamed: a checkpoint is never half-written."""
         from safetensors.torch import save_file
-        folder, state = Path(folder), state if state is not None else self.state_dict()
-        stored = [c for c in sorted(set(components) | {c for c in ("llm", "vision") if not self.sources.get(c)})
-                  if getattr(self, c) is not None]
+
+        folder = Path(folder)
+        state = self.state_dict() if state is None else state
+        unsourced = {c for c in ("llm", "vision") if not self.sources.get(c)}
+        stored = [c for c in sorted(set(components) | unsourced) if getattr(self, c) is not None]
         state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0] in stored}
-        config = {"ola": asdict(self.cfg), "llm": asdict(self.llm.config), "vision": asdict(self.vision.config),
-                  "target_dims": self.target_dims, "sources": self.sources, "stored": stored}
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        (tmp / "config.json").write_text(json.dumps(self.config_dict(stored), indent=2))
+        replace_folder(tmp, folder)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", with_predictors: bool = True) -> "OLAVLM":
-        """Rebuild a model saved by `save`: base components the checkpoint does not store from their
-        source folders, the others allocated uninitialised (meta device) and then loaded strictly."""
-        config = json.loads((Path(folder) / "config.json").read_text())
+    def from_checkpoint(
+        cls,
+        folder: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        with_predictors: bool = True,
+    ) -> OLAVLM:
+        """Rebuild a model saved by `save`: base components the checkpoint does not store from their source
+        folders, the others allocated uninitialised (meta device), then every stored part loaded strictly."""
+        config = read_json(Path(folder) / "config.json")
         sources, stored = config["sources"], config["stored"]
-        cfg = OLAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["ola"].items()})
+        cfg = OLAConfig.from_dict(config["ola"])
+        tower_cls, tower_cfg_cls = VISION_TOWERS[config["vision"]["kind"]]
 
         def empty(module_cls, module_cfg):
             with torch.device("meta"):
                 module = module_cls(module_cfg)
             return module.to_empty(device=device)
-        llm = (LLM.from_pretrained(sources["llm"], dtype=dtype, device=device) if "llm" not in stored
-               else empty(LLM, LLMConfig(**config["llm"])))
-        vision = (CLIPVision.from_pretrained(sources["vision"], dtype=dtype) if "vision" not in stored
-                  else empty(CLIPVision, CLIPVisionConfig(**config["vision"])))
+
+        if "llm" in stored:
+            llm = empty(LLM, LLMConfig(**config["llm"]))
+        else:
+            llm = LLM.from_pretrained(sources["llm"], dtype=dtype, device=device)
+        tower_cfg = tower_cfg_cls(**config["vision"]["config"])
+        if "vision" in stored:
+            vision = empty(tower_cls, tower_cfg)
+        else:
+            vision = tower_cls.from_pretrained(sources["vision"], dtype=dtype)
+            vision.config = tower_cfg  # e.g. the select layer the model was trained with
         target_dims = config["target_dims"] if with_predictors else None
         model = cls(cfg, llm, vision, target_dims, sources).to(device=device, dtype=dtype)
         return model.load_components(folder)
 
-    def load_components(self, folder: str | os.PathLike) -> "OLAVLM":
+    def load_components(self, folder: str | os.PathLike) -> OLAVLM:
         """Strictly load every component a checkpoint stores (those this model has)."""
-        stored = json.loads((Path(folder) / "config.json").read_text())["stored"]
+        stored = read_json(Path(folder) / "config.json")["stored"]
         stored = [c for c in stored if getattr(self, c) is not None]
-        state = read_state_dict(folder, keep=lambda k: k.split(".")[0] in stored)
-        for c in stored:
-            sub = {k[len(c) + 1:]: v for k, v in state.items() if k.startswith(c + ".")}
-            load_strict(getattr(self, c), sub, f"{folder} [{c}]")
+
+        def wanted(key: str) -> bool:
+            return key.split(".")[0] in stored
+
+        state = read_state_dict(folder, keep=wanted)
+        for component in stored:
+            prefix = component + "."
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            load_strict(getattr(self, component), sub, f"{folder} [{component}]")
         return self
 
 
+STAGE_TRAINABLE = {  # Sec. 5.1: what each stage trains
+    "pt": ("projector", "tokens", "predictors"),
+    "vpt": ("llm", "projector"),
+    "ift": ("llm", "projector"),
+}
+COMPONENTS = ("vision", "projector", "tokens", "llm", "predictors")
+
+
 def set_trainable(model: OLAVLM, stage: str, verbose: bool = True) -> dict[str, tuple[int, int]]:
-    """Freeze per stage (SPEC §4): pt trains projector, special tokens, predictors (+ logit scales);
-    vpt/ift train LLM and projector, drop the predictors and keep CLIP and the tokens frozen.
+    """Freeze per stage (Sec. 5.1): PT trains projector, special tokens, predictors (+ logit scales);
+    VPT/IFT train LLM and projector, drop the predictors and keep the base encoder and the tokens frozen.
     Returns (and prints) {component: (trainable, total) parameters}."""
-    trainable = {"pt": ("projector", "tokens", "predictors"), "vpt": ("llm", "projector"),
-                 "ift": ("llm", "projector")}.get(stage)
-    if trainable is None:
-        raise ValueError(f"unknown stage {stage!r}: expected pt, vpt or ift")
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {list(STAGE_TRAINABLE)}")
+    trainable = STAGE_TRAINABLE[stage]
     if stage != "pt":  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
-        model.predictors = model.target_dims = None
+        model.predictors = None
+        model.target_dims = None
     counts = {}
-    for name in ("vision", "projector", "tokens", "llm", "predictors"):
-        if (module := getattr(model, name)) is not None:
-            module.requires_grad_(name in trainable)
-            n = sum(p.numel() for p in module.parameters())
-            counts[name] = (n if name in trainable else 0, n)
+    for name in COMPONENTS:
+        module = getattr(model, name)
+        if module is None:
+            continue
+        module.requires_grad_(name in trainable)
+        n = sum(p.numel() for p in module.parameters())
+        counts[name] = (n if name in trainable else 0, n)
     counts["total"] = tuple(map(sum, zip(*counts.values())))
     if verbose:
         print(f"stage {stage}: trainable / all parameters")
-        print("\n".join(f"  {k:<10} {t:>14,} / {n:>14,}" for k, (t, n) in counts.items()))
+        print("\n".join(f"  {name:<10} {t:>14,} / {n:>14,}" for name, (t, n) in counts.items()))
     return counts

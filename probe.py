@@ -6,8 +6,8 @@ together from ONE no-grad forward of the frozen MLLM per batch.
 
     python probe.py                                    # the tiny run's PT and IFT checkpoints
     python probe.py --models runs/a/pt/final runs/b/pt/final --labels baseline OLA \
-        --depth weights/depth-anything-v2-large-hf --seg weights/oneformer_coco_swin_large \
-        --gen weights/sd21-unclip/image_encoder \
+        --teacher depth=weights/depth-anything-v2-large-hf --teacher seg=weights/oneformer_coco_swin_large \
+        --teacher gen=weights/sd21-unclip/image_encoder \
         --coco-captions coco/annotations/captions_train2017.json --coco-images coco/train2017 \
         --coco-val-captions coco/annotations/captions_val2017.json --coco-val-images coco/val2017 \
         --tasks depth --batch-size 32 --out runs/probe/depth
@@ -20,6 +20,7 @@ Differences from the released probing code (official §6, §10): it crashes befo
 tokens while training but not at evaluation. Here the model's own splice is used in both, and
 the depth target is the last DINOv2 block's normed patch tokens, as in the paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,15 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import data
-from encoders import TargetEncoders
+import shapes
+from chat import ChatTokenizer
 from eval import BUILTIN, DEFAULT_RUN, cosine, device_and_dtype, image_pixels, load_model, prompt_ids
-from ola import PAD
 from resampler import PerceiverResampler
+from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
+from teachers import TargetEncoders
 from train import cosine_schedule
 
 PROMPT = "Describe the image in two lines."  # the probing prompt (official §6), empty answer
-TASKS = ("depth", "seg", "gen")
 # The tiny run (570 built-in images, random teachers) gets more steps and a larger learning rate,
 # as train.py's TINY does: at lr 1e-3 its gen probes cannot even reach the mean-target level.
 TINY = dict(lr=1e-2, batch_size=16, epochs=3)
@@ -52,19 +54,20 @@ TINY = dict(lr=1e-2, batch_size=16, epochs=3)
 @dataclass
 class ProbeConfig:
     """Probe training (SPEC §5): smooth-L1, AdamW lr 1e-3, cosine with 3% warmup, batch 256, 1 epoch."""
+
     lr: float = 1e-3
     batch_size: int = 256
     epochs: int = 1
     warmup_ratio: float = 0.03
-    heads: int = 4                 # the predictors' resampler shape (SPEC §2)
+    heads: int = 4  # the predictors' resampler shape (SPEC §2)
     dim_head: int = 32
 
 
 @dataclass
 class ProbeBatch:
-    hidden_states: tuple[torch.Tensor, ...]   # n_layers + 1 tensors (B, T, H); [l] = output of block l
-    key_mask: torch.Tensor                    # (B, T) bool, True = real token (padding masked)
-    targets: dict[str, torch.Tensor]          # task -> (B, N, C): N = 576 (depth, seg) or 1 (gen)
+    hidden_states: tuple[torch.Tensor, ...]  # n_layers + 1 tensors (B, T, H); [l] = output of block l
+    key_mask: torch.Tensor  # (B, T) bool, True = real token (padding masked)
+    targets: dict[str, torch.Tensor]  # task -> (B, N, C): N = 576 (depth, seg) or 1 (gen)
 
 
 # ----------------------------------------------------------------------------- the probes
@@ -76,19 +79,38 @@ class Probes(nn.Module):
     """P_task^l for every task and every layer l: PerceiverResampler(H -> C -> C) with N own queries,
     where (N, C) is the task's target shape (official §6: depth/seg 576 queries, gen 1; dim = out)."""
 
-    def __init__(self, hidden: int, layers: list[int], target_shapes: dict[str, tuple[int, int]],
-                 heads: int = 4, dim_head: int = 32):
+    def __init__(
+        self,
+        hidden: int,
+        layers: list[int],
+        target_shapes: dict[str, tuple[int, int]],
+        heads: int = 4,
+        dim_head: int = 32,
+    ):
         super().__init__()
         self.layers, self.tasks = list(layers), list(target_shapes)
-        self.heads = nn.ModuleDict({t: nn.ModuleDict({
-            str(l): PerceiverResampler(hidden, C, C, num_latents=N, heads=heads, dim_head=dim_head)
-            for l in self.layers}) for t, (N, C) in target_shapes.items()})
+        self.heads = nn.ModuleDict(
+            {
+                t: nn.ModuleDict(
+                    {
+                        str(l): PerceiverResampler(
+                            hidden, C, C, num_latents=N, heads=heads, dim_head=dim_head
+                        )
+                        for l in self.layers
+                    }
+                )
+                for t, (N, C) in target_shapes.items()
+            }
+        )
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> dict:
         """-> {(task, layer): prediction (B, N, C)}"""
         with autocast(key_mask.device):
-            return {(t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
-                    for t in self.tasks for l in self.layers}
+            return {
+                (t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
+                for t in self.tasks
+                for l in self.layers
+            }
 
 
 def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.Tensor]:
@@ -109,7 +131,9 @@ def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.T
                     sums[t] = sums.get(t, 0) + y.float().sum(0)
                 count += len(batch.key_mask)
             preds = probes(batch.hidden_states, batch.key_mask)
-            loss = sum(F.smooth_l1_loss(p.float(), batch.targets[t].float(), beta=1.0) for (t, _), p in preds.items())
+            loss = sum(
+                F.smooth_l1_loss(p.float(), batch.targets[t].float(), beta=1.0) for (t, _), p in preds.items()
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -121,8 +145,9 @@ def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None
-             ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+def evaluate(
+    probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """Mean over images of cosine(prediction, target) per task and layer -> {task: {layer: score}},
     and, given `mean_targets`, the same score of the constant mean-target predictor -> {task: score}."""
     probes.eval()
@@ -142,8 +167,11 @@ def evaluate(probes: Probes, batches, mean_targets: dict[str, torch.Tensor] | No
 # ----------------------------------------------------------------------------- data
 def builtin_images(paths: dict[str, Path], split: str) -> list[Path]:
     """The built-in set's unique images: 'train' = those of pt.json and ift.json, 'val' = of qa_val.jsonl."""
-    files = ([r["image"] for r in data.read_records(paths["qa_val"])] if split == "val" else
-             [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r])
+    files = (
+        [r["image"] for r in data.read_records(paths["qa_val"])]
+        if split == "val"
+        else [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r]
+    )
     return [paths["images"] / f for f in dict.fromkeys(files)]
 
 
@@ -157,33 +185,40 @@ def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
     return [Path(folder) / names[i] for i in ids]
 
 
-def load_views(paths: list[Path], image_size: int, teachers: TargetEncoders):
-    """Image paths -> CLIP pixels (B, 3, S, S) and teacher pixels {task: (B, 3, s, s)} of the same square
-    view: padded, the view of inference (SPEC §4), for PT and IFT checkpoints alike."""
-    views = [image_pixels(p, image_size, view="pad") for p in paths]
+def load_views(paths: list[Path], tower, teachers: TargetEncoders):
+    """Image paths -> base-encoder pixels (B, 3, S, S) and teacher pixels {task: (B, 3, s, s)} of the same
+    square view: padded, the view of inference (docs/design.md §2), for PT and IFT checkpoints alike."""
+    views = [image_pixels(p, tower, view="pad") for p in paths]
     return torch.stack([x for _, x in views]), default_collate([teachers.preprocess(sq) for sq, _ in views])
-
-
-@torch.no_grad()
-def probe_targets(teachers: TargetEncoders, pixels: dict[str, torch.Tensor], tasks) -> dict[str, torch.Tensor]:
-    """Probing targets (SPEC §5): depth = LAST DINOv2 block (not the PT mean of 4), seg, gen as in PT."""
-    out = teachers({t: pixels[t] for t in tasks if t != "depth"})
-    if "depth" in tasks:
-        out["depth"] = teachers.depth_last(pixels["depth"])
-    return {t: out[t].float() for t in tasks}
 
 
 class MLLMFeatures:
     """Re-iterable ProbeBatches: per batch one no-grad forward of the frozen MLLM (all hidden states) and
     of the teachers. Every image gets the same prompt, PROMPT, with an empty answer in the chat template."""
 
-    def __init__(self, model, tok: data.ChatTokenizer, teachers: TargetEncoders, paths: list[Path],
-                 tasks, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        model,
+        tok: ChatTokenizer,
+        teachers: TargetEncoders,
+        paths: list[Path],
+        tasks,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         self.model, self.teachers, self.tasks = model, teachers, tasks
-        self.ids = torch.tensor(prompt_ids(tok, PROMPT))                            # (T,)
-        collate = partial(load_views, image_size=model.vision.config.image_size, teachers=teachers)
-        self.loader = DataLoader(paths, batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
-                                 generator=torch.Generator().manual_seed(seed))
+        self.ids = torch.tensor(prompt_ids(tok, PROMPT))  # (T,)
+        collate = partial(load_views, tower=model.vision, teachers=teachers)
+        self.loader = DataLoader(
+            paths,
+            batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -193,15 +228,20 @@ class MLLMFeatures:
         for pixels, target_pixels in self.loader:
             ids = self.ids.expand(len(pixels), -1).to(device)
             with torch.no_grad(), autocast(device):
-                out = self.model(ids, torch.ones_like(ids, dtype=torch.bool),
-                                 images=pixels.to(device, self.model.projector[0].weight.dtype),
-                                 output_hidden_states=True)
-                targets = probe_targets(self.teachers, {t: x.to(device) for t, x in target_pixels.items()},
-                                        self.tasks)
+                out = self.model(
+                    ids,
+                    torch.ones_like(ids, dtype=torch.bool),
+                    images=pixels.to(device, self.model.projector[0].weight.dtype),
+                    output_hidden_states=True,
+                )
+                pixels_on_device = {t: x.to(device) for t, x in target_pixels.items()}
+                targets = {t: y.float() for t, y in self.teachers.probe_targets(pixels_on_device).items()}
             for t, y in targets.items():
                 if t != "gen" and y.shape[1] != self.model.num_image_tokens:
-                    raise ValueError(f"{t} teacher gives {y.shape[1]} tokens, the MLLM {self.model.num_image_tokens} "
-                                     f"image tokens: a spatial teacher's grid must match the base encoder's (SPEC §1)")
+                    raise ValueError(
+                        f"{t} teacher gives {y.shape[1]} tokens, the MLLM {self.model.num_image_tokens} "
+                        f"image tokens: a spatial teacher's grid must match the base encoder's (docs/design.md §2)"
+                    )
             yield ProbeBatch(out.hidden_states, out.segments != PAD, targets)
 
 
@@ -209,6 +249,7 @@ class MLLMFeatures:
 def plot(scores: dict, trivial: dict, path: Path) -> None:
     """One panel per task, one curve per checkpoint across layers (Fig. 3), dashed: the mean-target level."""
     from matplotlib.figure import Figure
+
     tasks = list(next(iter(scores.values())))
     fig = Figure(figsize=(4.2 * len(tasks), 3.4))
     axes = fig.subplots(1, len(tasks), squeeze=False)
@@ -229,11 +270,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(DEFAULT_RUN), help="a train.py output folder (default: the tiny run)")
     p.add_argument("--models", nargs="+", help="OLA checkpoints (default: <run>/pt/final <run>/ift/final)")
-    p.add_argument("--labels", nargs="+", help="one legend label per checkpoint (default: PT, IFT / folder names)")
+    p.add_argument(
+        "--labels", nargs="+", help="one legend label per checkpoint (default: PT, IFT / folder names)"
+    )
     p.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
-    p.add_argument("--depth", help="Depth-Anything-V2-Large-hf folder (default: tiny random teachers)")
-    p.add_argument("--seg", help="oneformer_coco_swin_large folder")
-    p.add_argument("--gen", help="stable-diffusion-2-1-unclip/image_encoder folder")
+    add_teacher_args(p)  # default: train.py's tiny random teachers
     p.add_argument("--coco-captions", help="captions_train2017.json (default: the built-in images)")
     p.add_argument("--coco-images", help="train2017/ image folder")
     p.add_argument("--coco-val-captions", help="captions_val2017.json")
@@ -248,23 +289,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
     p.add_argument("--out", help="output folder (default <run>/probe)")
     args = p.parse_args(argv)
-    real = [args.depth, args.seg, args.gen]
-    if any(real) and not all(real):
-        p.error("--depth, --seg and --gen go together (or none of them for the tiny random teachers)")
+    args.teachers = teacher_paths(args, p.error)
     coco = [args.coco_captions, args.coco_images, args.coco_val_captions, args.coco_val_images]
     if any(coco) and not all(coco):
-        p.error("COCO probing needs --coco-captions, --coco-images, --coco-val-captions and --coco-val-images")
+        p.error(
+            "COCO probing needs --coco-captions, --coco-images, --coco-val-captions and --coco-val-images"
+        )
     args.tasks = args.tasks.split(",")
     if unknown := set(args.tasks) - set(TASKS):
         p.error(f"unknown task(s) {sorted(unknown)}: expected a comma list of {', '.join(TASKS)}")
     run = Path(args.run)
     args.models = args.models or [str(run / "pt" / "final"), str(run / "ift" / "final")]
     if not args.labels:  # <run>/pt/final -> "PT"; the full paths if that is ambiguous
-        args.labels = [Path(m).parent.name.upper() if Path(m).name == "final" else Path(m).name for m in args.models]
+        args.labels = [
+            Path(m).parent.name.upper() if Path(m).name == "final" else Path(m).name for m in args.models
+        ]
         args.labels = args.labels if len(set(args.labels)) == len(args.labels) else args.models
     if len(args.labels) != len(args.models) or len(set(args.labels)) != len(args.labels):
         p.error(f"--labels must give {len(args.models)} distinct names, one per checkpoint")
-    defaults = asdict(ProbeConfig()) if all(real) else TINY
+    defaults = asdict(ProbeConfig()) if args.teachers else TINY
     for k in ("lr", "batch_size", "epochs"):
         setattr(args, k, getattr(args, k) or defaults[k])
     args.out = Path(args.out or run / "probe")
@@ -274,41 +317,67 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = device_and_dtype()
-    teachers = (TargetEncoders.from_pretrained(args.depth, args.seg, args.gen, dtype=dtype) if args.depth
-                else TargetEncoders.tiny(seed=args.seed, dtype=dtype)).to(device)  # train.py's tiny teachers
+    teachers = None  # built with the first checkpoint, sized for its base encoder's grid
     if args.coco_captions:
         train_paths = coco_images(args.coco_captions, args.coco_images)
         val_paths = coco_images(args.coco_val_captions, args.coco_val_images)
     else:
-        builtin = data.builtin_dataset(BUILTIN)
+        builtin = shapes.builtin_dataset(BUILTIN)
         train_paths, val_paths = builtin_images(builtin, "train"), builtin_images(builtin, "val")
-    train_paths, val_paths = train_paths[:args.max_train_images], val_paths[:args.max_val_images]
+    train_paths, val_paths = train_paths[: args.max_train_images], val_paths[: args.max_val_images]
     cfg = ProbeConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs)
-    print(f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val images, "
-          f"tasks {args.tasks}, {cfg}")
+    print(
+        f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val images, "
+        f"tasks {args.tasks}, {cfg}"
+    )
     scores, trivial = {}, {}
     for label, folder in zip(args.labels, args.models):
         model, tok = load_model(folder, args.tokenizer, device=device, dtype=dtype)
+        if teachers is None:
+            teachers = make_teachers(
+                args.teachers, tuple(args.tasks), model.vision.grid, args.seed, dtype
+            ).to(device)
         torch.manual_seed(args.seed)
-        features = partial(MLLMFeatures, model, tok, teachers, tasks=args.tasks, batch_size=cfg.batch_size,
-                           seed=args.seed, num_workers=args.num_workers)
+        features = partial(
+            MLLMFeatures,
+            model,
+            tok,
+            teachers,
+            tasks=args.tasks,
+            batch_size=cfg.batch_size,
+            seed=args.seed,
+            num_workers=args.num_workers,
+        )
         train, val = features(train_paths, shuffle=True), features(val_paths, shuffle=False)
-        shapes = {t: (1 if t == "gen" else model.num_image_tokens, teachers.dims[t]) for t in args.tasks}
-        layers = list(range(1, model.llm.config.n_layers + 1))   # block outputs; the last one after the final norm
-        probes = Probes(model.llm.config.hidden_size, layers, shapes, cfg.heads, cfg.dim_head).to(device)
-        print(f"{label} ({folder}): {len(layers)} layers x {len(shapes)} tasks, "
-              f"{sum(p.numel() for p in probes.parameters()):,} probe parameters")
+        target_shapes = {}
+        for t in args.tasks:
+            target_shapes[t] = (model.num_image_tokens if TASKS[t].spatial else 1, teachers.dims[t])
+        layers = list(range(1, model.llm.config.n_layers + 1))  # block outputs; the last after the final norm
+        probes = Probes(model.llm.config.hidden_size, layers, target_shapes, cfg.heads, cfg.dim_head)
+        probes = probes.to(device)
+        print(
+            f"{label} ({folder}): {len(layers)} layers x {len(target_shapes)} tasks, "
+            f"{sum(p.numel() for p in probes.parameters()):,} probe parameters"
+        )
         mean_targets = train_probes(probes, train, cfg)
         s, trivial = evaluate(probes, val, mean_targets)
         scores[label] = {t: {str(l): v for l, v in per_layer.items()} for t, per_layer in s.items()}
         for t, per_layer in s.items():
             best = max(per_layer, key=per_layer.get)
-            print(f"  {t:<5} cosine per layer: " + " ".join(f"{v:.3f}" for v in per_layer.values())
-                  + f"  (best layer {best}; mean-target level {trivial[t]:.3f})")
+            print(
+                f"  {t:<5} cosine per layer: "
+                + " ".join(f"{v:.3f}" for v in per_layer.values())
+                + f"  (best layer {best}; mean-target level {trivial[t]:.3f})"
+            )
         del model, probes, train, val
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"scores": scores, "mean_target": trivial, "checkpoints": dict(zip(args.labels, args.models)),
-              "images": {"train": len(train_paths), "val": len(val_paths)}, "config": asdict(cfg)}
+    result = {
+        "scores": scores,
+        "mean_target": trivial,
+        "checkpoints": dict(zip(args.labels, args.models)),
+        "images": {"train": len(train_paths), "val": len(val_paths)},
+        "config": asdict(cfg),
+    }
     (args.out / "scores.json").write_text(json.dumps(result, indent=2))
     plot(scores, trivial, args.out / "probe.png")
     print(f"wrote {args.out / 'scores.json'} and {args.out / 'probe.png'}")

@@ -1,52 +1,104 @@
-"""data.py: chat templates and labels, bad data, built-in data, collate, truncation, loader resume."""
+"""chat.py, data.py, shapes.py: chat templates and labels, bad data, built-in data, collate, truncation, loader resume."""
+
 import json
 import logging
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatTokenizer, LLaVADataset, collate, make_loader  # noqa: E402
-from encoders import resize_normalize  # noqa: E402
+import chat
+import data
+import shapes
+from chat import ChatTokenizer
+from data import LLaVADataset, Loader, collate
+from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from preprocess import resize_normalize
 
-CORPUS = ["A chat between a curious user and an artificial intelligence assistant.",
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-          "You are a helpful AI assistant.", "How many shapes are in the image? There are three shapes.",
-          "What color is the red circle? The circle is red. Describe the image briefly.",
-          "Which is bigger, the blue square or the green triangle? The blue square is bigger."] * 5
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "You are a helpful AI assistant.",
+    "How many shapes are in the image? There are three shapes.",
+    "What color is the red circle? The circle is red. Describe the image briefly.",
+    "Which is bigger, the blue square or the green triangle? The blue square is bigger.",
+] * 5
 
-# The prompts exactly as weights.md §5 / SPEC §4 write them (not taken from data.py).
-LLAMA3_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
-                 "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-                 "questions.<|eot_id|>")
+# The prompts exactly as the released templates write them (not taken from chat.py).
+LLAMA3_SYSTEM = (
+    "<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+    "questions.<|eot_id|>"
+)
 PHI3_SYSTEM = "<|system|>\nYou are a helpful AI assistant.<|end|>"
-ROLES = {"llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                    "<|eot_id|>"),
-         "phi3": ("\n<|user|>\n", "\n<|assistant|>\n", "<|end|>")}
-PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", *(f"<|placeholder{i}|>" for i in range(1, 5)), "<|system|>",
-              "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+ROLES = {
+    "llama3": (
+        "<|start_header_id|>user<|end_header_id|>\n\n",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    ),
+    "phi3": ("\n<|user|>\n", "\n<|assistant|>\n", "<|end|>"),
+}
+PHI3_ADDED = [
+    "<|endoftext|>",
+    "<|assistant|>",
+    *(f"<|placeholder{i}|>" for i in range(1, 5)),
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
 
 
 def llama3_tokenizer(path):
     """Byte-level BPE with the Llama-3 split regex, the 10 first Llama-3 specials and a BOS (weights.md §5)."""
-    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-                "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",
+    ]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+        single="<|begin_of_text|> $A",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))],
+    )
     tok.save(str(path))
     return path
 
@@ -65,11 +117,16 @@ def phi3_tokenizer(path, rstrip):
     merges = [tuple(x) if isinstance(x, list) else tuple(x.split(" ")) for x in m["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = norm
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False, rstrip=rstrip and s != "<|endoftext|>")
-                            for s in PHI3_ADDED])
+    tok.add_special_tokens(
+        [
+            AddedToken(s, special=True, normalized=False, rstrip=rstrip and s != "<|endoftext|>")
+            for s in PHI3_ADDED
+        ]
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(path))
     return path
@@ -78,9 +135,11 @@ def phi3_tokenizer(path, rstrip):
 @pytest.fixture(scope="session")
 def tokenizers_(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    return {"llama3": ChatTokenizer(llama3_tokenizer(d / "llama3.json"), "llama3"),
-            "phi3": ChatTokenizer(phi3_tokenizer(d / "phi3.json", rstrip=False), "phi3"),
-            "phi3-rstrip": ChatTokenizer(phi3_tokenizer(d / "phi3r.json", rstrip=True), "phi3")}
+    return {
+        "llama3": ChatTokenizer(llama3_tokenizer(d / "llama3.json"), "llama3"),
+        "phi3": ChatTokenizer(phi3_tokenizer(d / "phi3.json", rstrip=False), "phi3"),
+        "phi3-rstrip": ChatTokenizer(phi3_tokenizer(d / "phi3r.json", rstrip=True), "phi3"),
+    }
 
 
 def conv(*turns):
@@ -88,10 +147,21 @@ def conv(*turns):
 
 
 RECORDS = {  # (conversations, has image)
-    "558k": (conv("Describe the image briefly.\n<image>", "Three shapes: a red circle, a blue square."), True),
-    "665k": (conv("<image>\nHow many shapes are in the image?", "There are 3 shapes.",
-                  "What color is the circle?", "The circle is red, like a café awning.",
-                  "Which is bigger?", "The blue square."), True),
+    "558k": (
+        conv("Describe the image briefly.\n<image>", "Three shapes: a red circle, a blue square."),
+        True,
+    ),
+    "665k": (
+        conv(
+            "<image>\nHow many shapes are in the image?",
+            "There are 3 shapes.",
+            "What color is the circle?",
+            "The circle is red, like a café awning.",
+            "Which is bigger?",
+            "The blue square.",
+        ),
+        True,
+    ),
     "text": (conv("What is 2 plus 2?", "2 plus 2 is 4.", "And 3 plus 3?", "6."), False),
     "no-token": (conv("Describe the image briefly.", "A green triangle."), True),  # image field, no <image>
 }
@@ -140,7 +210,7 @@ def test_labels_are_exactly_answers_and_end_of_turn(tokenizers_, name, record):
     if has_image:  # <image> sits at the front of the first user turn, after the system prompt
         assert ids.index(IMAGE_TOKEN_INDEX) == ct.n_prefix_tokens
         prefix = (LLAMA3_SYSTEM if name == "llama3" else PHI3_SYSTEM) + ROLES[key(name)][0]
-        assert ids[:ct.n_prefix_tokens] == ct.tok.encode(prefix).ids
+        assert ids[: ct.n_prefix_tokens] == ct.tok.encode(prefix).ids
 
 
 def llava_prompt(name, turns, has_image):
@@ -159,8 +229,11 @@ def llava_prompt(name, turns, has_image):
 def test_ids_match_llava_tokenizer_image_token(tokenizers_, name):
     """Reference: LLaVA's mm_utils.tokenizer_image_token with a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
+
     ct = tokenizers_[name]
-    ref = PreTrainedTokenizerFast(tokenizer_file=ct.path, bos_token="<|begin_of_text|>" if name == "llama3" else "<s>")
+    ref = PreTrainedTokenizerFast(
+        tokenizer_file=ct.path, bos_token="<|begin_of_text|>" if name == "llama3" else "<s>"
+    )
     for turns, has_image in RECORDS.values():
         chunks = [ref(c).input_ids for c in llava_prompt(key(name), turns, has_image).split("<image>")]
         offset = 1 if chunks[0][0] == ref.bos_token_id else 0
@@ -175,7 +248,7 @@ def test_label_mismatch_raises_with_sample_id(tmp_path):
     tok = Tokenizer.from_file(str(path))
     tok.decoder = None  # decoding now yields byte-level symbols (Ġ, Ċ): answers cannot match
     tok.save(str(path))
-    with pytest.raises(data.LabelMismatchError, match="sample rec-7"):
+    with pytest.raises(chat.LabelMismatchError, match="sample rec-7"):
         ChatTokenizer(path, "llama3").encode_conversation(RECORDS["558k"][0], True, "rec-7")
 
 
@@ -206,18 +279,22 @@ def bad_data(tmp_path, tokenizers_):
 
 
 def dataset(root, tok, **kw):
-    return LLaVADataset(root / "r.json", root / "images", tok, view="pad", image_size=28, image_seq_len=4, **kw)
+    return LLaVADataset(
+        root / "r.json", root / "images", tok, view="pad", image_size=28, image_seq_len=4, **kw
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_samples_skipped_logged_and_counted(bad_data, tokenizers_, caplog, workers):
     ds = dataset(bad_data, tokenizers_["llama3"], max_bad_fraction=1.0)
     caplog.set_level(logging.WARNING)
-    batches = list(make_loader(ds, batch_size=7, shuffle=False, num_workers=workers))
+    batches = list(Loader(ds, batch_size=7, shuffle=False, num_workers=workers))
     ids = batches[0]["ids"]
     assert set(ids) == {"ok0", "image-no-token", "ok6"}  # bad records replaced by the next good one
-    assert set(ds.bad_samples) == {f"{bad_data / 'r.json'} record {i} (id {n})" for i, n in
-                                   [(1, "corrupt"), (2, "missing"), (3, "no-conv"), (4, "token-no-image")]}
+    assert set(ds.bad_samples) == {
+        f"{bad_data / 'r.json'} record {i} (id {n})"
+        for i, n in [(1, "corrupt"), (2, "missing"), (3, "no-conv"), (4, "token-no-image")]
+    }
     reasons = "\n".join(ds.bad_samples.values())
     assert "corrupt.png" in reasons and "missing.png" in reasons and "no 'conversations'" in reasons
     assert "'<image>' in the text but the record has no 'image'" in reasons
@@ -234,7 +311,7 @@ def test_bad_fraction_threshold_stops_the_run(bad_data, tokenizers_):
     ds = dataset(bad_data, tokenizers_["llama3"], max_bad_fraction=0.1)
     # reads: 0 ok; 1 -> 1,2,3,4 bad, 5 ok; 2 -> 3 bad; 3 -> 2 bad; 4 -> 1 bad; 5, 6 ok: 10 bad of 17
     with pytest.raises(RuntimeError, match=r"10 of 17 sample reads were bad, above max_bad_fraction=0.1"):
-        list(make_loader(ds, batch_size=7, shuffle=False))
+        list(Loader(ds, batch_size=7, shuffle=False))
 
 
 def test_malformed_json_names_file_and_line(tmp_path, tokenizers_):
@@ -249,12 +326,14 @@ def test_malformed_json_names_file_and_line(tmp_path, tokenizers_):
 # ----------------------------------------------------------------------------- built-in data
 @pytest.fixture(scope="session")
 def builtin(tmp_path_factory):
-    return data.builtin_dataset(tmp_path_factory.mktemp("b") / "builtin", seed=0, n_pt=40, n_ift=40, n_val=20)
+    return shapes.builtin_dataset(
+        tmp_path_factory.mktemp("b") / "builtin", seed=0, n_pt=40, n_ift=40, n_val=20
+    )
 
 
 def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
-    again = data.builtin_dataset(tmp_path / "again", seed=0, n_pt=40, n_ift=40, n_val=20)
-    other = data.builtin_dataset(tmp_path / "other", seed=1, n_pt=40, n_ift=40, n_val=20)
+    again = shapes.builtin_dataset(tmp_path / "again", seed=0, n_pt=40, n_ift=40, n_val=20)
+    other = shapes.builtin_dataset(tmp_path / "other", seed=1, n_pt=40, n_ift=40, n_val=20)
     for key in ("pt", "ift", "qa_val", "tokenizer"):
         assert builtin[key].read_bytes() == again[key].read_bytes()
         assert builtin[key].read_bytes() != other[key].read_bytes()
@@ -262,7 +341,7 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
     assert files == sorted(p.name for p in again["images"].iterdir())
     assert all((builtin["images"] / f).read_bytes() == (again["images"] / f).read_bytes() for f in files)
     mtime = builtin["pt"].stat().st_mtime_ns
-    assert data.builtin_dataset(builtin["root"], seed=0, n_pt=40, n_ift=40, n_val=20) == builtin
+    assert shapes.builtin_dataset(builtin["root"], seed=0, n_pt=40, n_ift=40, n_val=20) == builtin
     assert builtin["pt"].stat().st_mtime_ns == mtime  # complete: not rewritten
 
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
@@ -278,7 +357,9 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
                 assert Image.open(builtin["images"] / r["image"]).size == (128, 128)
             tok.encode_conversation(c, "image" in r, r["id"])  # labels check passes
         if key == "ift":
-            assert any("image" not in r for r in records) and any(len(r["conversations"]) > 2 for r in records)
+            assert any("image" not in r for r in records) and any(
+                len(r["conversations"]) > 2 for r in records
+            )
     for line in builtin["qa_val"].read_text().splitlines():
         q = json.loads(line)
         letter = q["answer"][1]
@@ -288,14 +369,21 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
 
 def test_collate_obeys_contract(builtin):
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
-    targets = lambda sq: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}  # noqa: E731
-    ds = LLaVADataset(builtin["ift"], builtin["images"], tok, view="pad", image_size=28,
-                      target_preprocess=targets, image_seq_len=10)
+    targets = lambda sq: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}
+    ds = LLaVADataset(
+        builtin["ift"],
+        builtin["images"],
+        tok,
+        view="pad",
+        image_size=28,
+        target_preprocess=targets,
+        image_seq_len=10,
+    )
     samples = [ds[i] for i in range(10)]  # record 9 is text-only
     b = collate(samples, tok.pad_id, image_size=28)
     B, T = b["input_ids"].shape
     lengths = [len(s["input_ids"]) for s in samples]
-    assert B == 10 and T == max(lengths) and b["input_ids"].dtype == torch.long
+    assert B == 10 and max(lengths) == T and b["input_ids"].dtype == torch.long
     assert b["has_image"].tolist() == [s["image"] is not None for s in samples] and not b["has_image"][9]
     n_img = int(b["has_image"].sum())
     assert b["images"].shape == (n_img, 3, 28, 28)
@@ -318,18 +406,31 @@ def test_collate_obeys_contract(builtin):
 def test_truncation_never_cuts_the_image(builtin, tmp_path):
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
     turns = conv("<image>\nDescribe it.", *["The red circle is left of the blue square."] * 19)
-    (tmp_path / "r.json").write_text(json.dumps([{"id": "long", "image": "pt_00000.png", "conversations": turns},
-                                                 {"id": "text", "conversations": conv(*["Two words."] * 20)}]))
+    (tmp_path / "r.json").write_text(
+        json.dumps(
+            [
+                {"id": "long", "image": "pt_00000.png", "conversations": turns},
+                {"id": "text", "conversations": conv(*["Two words."] * 20)},
+            ]
+        )
+    )
     full = tok.encode_conversation(turns, True)[0]
     p = tok.n_prefix_tokens  # the image placeholder's index; it becomes 16 positions
     for max_length in (p + 16, p + 17, len(full) + 14, len(full) + 15, len(full) + 200):
-        ds = LLaVADataset(tmp_path / "r.json", builtin["images"], tok, image_size=28, image_seq_len=16,
-                          max_length=max_length)
+        ds = LLaVADataset(
+            tmp_path / "r.json",
+            builtin["images"],
+            tok,
+            image_size=28,
+            image_seq_len=16,
+            max_length=max_length,
+        )
         ids = ds.load(0)["input_ids"].tolist()
         assert ids.count(IMAGE_TOKEN_INDEX) == 1 and len(ids) - 1 + 16 == min(max_length, len(full) + 15)
-        assert ids == full[:len(ids)]
-    ds = LLaVADataset(tmp_path / "r.json", builtin["images"], tok, image_size=28, image_seq_len=16,
-                      max_length=p + 15)  # the image would end past max_length: the record is bad
+        assert ids == full[: len(ids)]
+    ds = LLaVADataset(
+        tmp_path / "r.json", builtin["images"], tok, image_size=28, image_seq_len=16, max_length=p + 15
+    )  # the image would end past max_length: the record is bad
     with pytest.raises(data.BadSample, match="does not fit in max_length"):
         ds.load(0)
     assert len(ds.load(1)["input_ids"]) == p + 15  # text-only: a plain cut at max_length
@@ -338,19 +439,21 @@ def test_truncation_never_cuts_the_image(builtin, tmp_path):
 def test_loader_resume_and_world_size(builtin):
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
     ds = LLaVADataset(builtin["pt"], builtin["images"], tok, view="crop", image_size=28, image_seq_len=10)
-    full = make_loader(ds, batch_size=3, shuffle=True, seed=5)
+    full = Loader(ds, batch_size=3, shuffle=True, seed=5)
     one = [b["ids"] for b in full] + [b["ids"] for b in full]  # two epochs
     assert len(full) == 14 and len(one) == 28 and one[:14] != one[14:]
-    assert sorted(set(i for b in one[:14] for i in b)) == sorted(r["id"] for r in json.loads(builtin["pt"].read_text()))
+    assert sorted(set(i for b in one[:14] for i in b)) == sorted(
+        r["id"] for r in json.loads(builtin["pt"].read_text())
+    )
     # resume mid-epoch from a saved state
-    part = make_loader(ds, batch_size=3, shuffle=True, seed=5)
+    part = Loader(ds, batch_size=3, shuffle=True, seed=5)
     it = iter(part)
     seen = [next(it)["ids"] for _ in range(4)]
     state = json.loads(json.dumps(part.state_dict()))
-    resumed = make_loader(ds, batch_size=3, shuffle=True, seed=5)
+    resumed = Loader(ds, batch_size=3, shuffle=True, seed=5)
     resumed.load_state_dict(state)
     assert seen + [b["ids"] for b in resumed] + [b["ids"] for b in resumed] == one
     # 2 ranks x b: the union of the ranks' k-th batches is 1 rank's k-th batch of 2b
-    g = make_loader(ds, batch_size=4, shuffle=True, seed=5).batches(0)
-    r0, r1 = (make_loader(ds, batch_size=2, shuffle=True, seed=5, rank=r, world_size=2).batches(0) for r in (0, 1))
+    g = Loader(ds, batch_size=4, shuffle=True, seed=5).batches(0)
+    r0, r1 = (Loader(ds, batch_size=2, shuffle=True, seed=5, rank=r, world_size=2).batches(0) for r in (0, 1))
     assert len(r0) == len(r1) == len(g) and all(a + b == c for a, b, c in zip(r0, r1, g))

@@ -1,52 +1,28 @@
-"""Encoders (issue 3): parity against transformers on tiny random models saved in the Hub layouts
-(weights.md §2.3, §2.5–2.7, §3), preprocessing against CLIPImageProcessor / LLaVA's expand2square,
-real-size shapes (SPEC §1) on the meta device, and loader strictness."""
+"""Encoders: parity against transformers on tiny random models saved in the Hub layouts (docs/design.md §8),
+preprocessing against CLIPImageProcessor / LLaVA's expand2square, and loader strictness."""
+
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, maxdiff, photo, pixels, randomize, rewrite
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import encoders as E
-
-TOL = 1e-5
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-def randomize(model, seed=0):
-    """Perturb every parameter (layerscale, relative-position tables, norms, embeddings ...): defaults hide bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def rewrite(src, dst, edit=lambda sd: sd, config=None, name="model.safetensors"):
-    """Copy a saved checkpoint folder with an edited state dict (and optionally another config.json)."""
-    dst.mkdir()
-    sd = edit(load_file(src / "model.safetensors"))
-    if name.endswith(".bin"):
-        torch.save(sd, dst / name)
-    else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, dst / name)
-    if config is None:
-        shutil.copy(src / "config.json", dst / "config.json")
-    else:
-        (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
-def pixels(size, batch=2, seed=0):
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+from encoders import CLIPVision, DINOv2
+from preprocess import (
+    CLIP_MEAN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_square,
+    clip_preprocess,
+    pad_to_square,
+    resize_normalize,
+    square_view,
+)
+from swin import Swin
 
 
 # --------------------------------------------------------------------------- fixtures (transformers, saved once)
@@ -58,21 +34,29 @@ def saved(model, tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="module")
-def tf():
-    import transformers
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-@pytest.fixture(scope="module")
 def clip_full(tf, tmp_path_factory):
     """A full CLIPModel (vision + text tower), the openai/clip-vit-large-patch14-336 layout."""
     cfg = tf.CLIPConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=56, patch_size=14, hidden_act="quick_gelu"),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=99, max_position_embeddings=16),
-        projection_dim=24, attn_implementation="eager")
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=99,
+            max_position_embeddings=16,
+        ),
+        projection_dim=24,
+        attn_implementation="eager",
+    )
     model = randomize(tf.CLIPModel(cfg))
     return saved(model, tmp_path_factory, "clip_full")
 
@@ -80,15 +64,30 @@ def clip_full(tf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def unclip(tf, tmp_path_factory):
     """A CLIPVisionModelWithProjection with exact gelu, the SD-2.1-unCLIP image_encoder/ layout."""
-    cfg = tf.CLIPVisionConfig(hidden_size=80, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=42, patch_size=14, hidden_act="gelu", projection_dim=48,
-                              attn_implementation="eager")
+    cfg = tf.CLIPVisionConfig(
+        hidden_size=80,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=42,
+        patch_size=14,
+        hidden_act="gelu",
+        projection_dim=48,
+        attn_implementation="eager",
+    )
     model = randomize(tf.CLIPVisionModelWithProjection(cfg))
     return saved(model, tmp_path_factory, "unclip")
 
 
-DINO_CFG = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=70, patch_size=14,
-                attn_implementation="eager")      # table 5×5
+DINO_CFG = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    mlp_ratio=2,
+    image_size=70,
+    patch_size=14,
+    attn_implementation="eager",
+)  # table 5×5
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +99,27 @@ def dinov2(tf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def depth_anything(tf, tmp_path_factory):
     """DepthAnythingForDepthEstimation: DINOv2 under `backbone.*`, plus neck.* / head.* to be skipped."""
-    backbone = tf.Dinov2Config(**DINO_CFG, out_indices=[1, 2, 3, 4], apply_layernorm=True,
-                               reshape_hidden_states=False)
-    cfg = tf.DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-                                 reassemble_hidden_size=64)
+    backbone = tf.Dinov2Config(
+        **DINO_CFG, out_indices=[1, 2, 3, 4], apply_layernorm=True, reshape_hidden_states=False
+    )
+    cfg = tf.DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        reassemble_hidden_size=64,
+    )
     model = randomize(tf.DepthAnythingForDepthEstimation(cfg))
     return saved(model, tmp_path_factory, "depth_anything")
 
 
-SWIN_CFG = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=3,
-                out_features=["stage1", "stage2", "stage3", "stage4"], attn_implementation="eager")
+SWIN_CFG = dict(
+    embed_dim=16,
+    depths=[2, 2, 2, 2],
+    num_heads=[1, 2, 2, 4],
+    window_size=3,
+    out_features=["stage1", "stage2", "stage3", "stage4"],
+    attn_implementation="eager",
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +151,15 @@ def oneformer_swin(swin, tmp_path_factory):
 # --------------------------------------------------------------------------- CLIP
 def test_clip_full_checkpoint_parity_and_text_tower_skipped(tf, clip_full):
     ref, path = clip_full
-    tower = tf.CLIPVisionModel.from_pretrained(path, attn_implementation="eager").eval()   # LLaVA's tower class
-    ours = E.CLIPVision.from_pretrained(path)
+    tower = tf.CLIPVisionModel.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()  # LLaVA's tower class
+    ours = CLIPVision.from_pretrained(path)
     assert ours.config.hidden_act == "quick_gelu" and ours.config.projection_dim == 24
     px = pixels(56)
     with torch.no_grad():
         out = tower(pixel_values=px, output_hidden_states=True)
-        assert maxdiff(ours.features(px), out.hidden_states[-2][:, 1:]) <= TOL         # LLaVA's feature
+        assert maxdiff(ours.features(px), out.hidden_states[-2][:, 1:]) <= TOL  # LLaVA's feature
         for layer in (0, 1, -1, -5):
             assert maxdiff(ours.features(px, layer), out.hidden_states[layer][:, 1:]) <= TOL
         assert maxdiff(ours.image_embeds(px), ref.visual_projection(out.pooler_output)) <= TOL
@@ -157,12 +169,14 @@ def test_clip_full_checkpoint_parity_and_text_tower_skipped(tf, clip_full):
 
 def test_clip_loads_pytorch_model_bin_with_position_ids(clip_full, tmp_path):
     ref, path = clip_full
+
     def add_old_buffers(sd):
         sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
         sd["text_model.embeddings.position_ids"] = torch.arange(16)[None]
         return sd
+
     ckpt = rewrite(path, tmp_path / "bin", add_old_buffers, name="pytorch_model.bin")
-    ours = E.CLIPVision.from_pretrained(ckpt)
+    ours = CLIPVision.from_pretrained(ckpt)
     px = pixels(56)
     with torch.no_grad():
         ref_out = ref.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -171,7 +185,7 @@ def test_clip_loads_pytorch_model_bin_with_position_ids(clip_full, tmp_path):
 
 def test_unclip_image_embeds_parity(unclip):
     ref, path = unclip
-    ours = E.CLIPVision.from_pretrained(path)
+    ours = CLIPVision.from_pretrained(path)
     assert ours.config.hidden_act == "gelu"
     px = pixels(42)
     with torch.no_grad():
@@ -186,7 +200,7 @@ def test_unclip_image_embeds_parity(unclip):
 @pytest.mark.parametrize("size", [56, 70, (56, 84)], ids=["interpolated", "native", "non-square"])
 def test_dinov2_parity_offset0(dinov2, size):
     ref, path = dinov2
-    ours = E.DINOv2.from_pretrained(path, interpolate_offset=0.0)
+    ours = DINOv2.from_pretrained(path, interpolate_offset=0.0)
     px = pixels(size)
     with torch.no_grad():
         out = ref(pixel_values=px, output_hidden_states=True)
@@ -200,15 +214,15 @@ def test_dinov2_parity_offset0(dinov2, size):
 def test_dinov2_offset01_matches_original_formula(dinov2):
     """Offset 0.1 = original DINOv2 / DAv2: bicubic with scale_factor (h + 0.1) / M (SPEC §1, weights.md §2.5)."""
     ref, path = dinov2
-    ours = E.DINOv2.from_pretrained(path)                    # default offset 0.1
-    table = ref.embeddings.position_embeddings.detach()      # (1, 26, 64), 5×5 grid
+    ours = DINOv2.from_pretrained(path)  # default offset 0.1
+    table = ref.embeddings.position_embeddings.detach()  # (1, 26, 64), 5×5 grid
     grid = table[:, 1:].reshape(1, 5, 5, 64).permute(0, 3, 1, 2)
     direct = F.interpolate(grid, scale_factor=(4.1 / 5, 4.1 / 5), mode="bicubic", antialias=False)
     expected = torch.cat([table[:, :1], direct.flatten(2).transpose(1, 2)], dim=1)
     assert maxdiff(ours.position_embeddings(4, 4), expected) <= TOL
-    assert torch.equal(ours.position_embeddings(5, 5), table)     # native grid: untouched, as the original code
+    assert torch.equal(ours.position_embeddings(5, 5), table)  # native grid: untouched, as the original code
     hf = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
-    assert maxdiff(direct, hf) > 1e-3                        # the offset really changes the sampled positions
+    assert maxdiff(direct, hf) > 1e-3  # the offset really changes the sampled positions
 
     # the whole forward with the original interpolation swapped into the reference
     px = pixels(56)
@@ -224,23 +238,28 @@ def test_dinov2_offset01_matches_original_formula(dinov2):
 
 
 def test_dinov2_with_registers_parity(tf, tmp_path):
-    ref = randomize(tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**DINO_CFG, num_register_tokens=2)))
+    ref = randomize(
+        tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**DINO_CFG, num_register_tokens=2))
+    )
     ref.save_pretrained(tmp_path)
-    ours = E.DINOv2.from_pretrained(tmp_path, interpolate_offset=0.0)
+    ours = DINOv2.from_pretrained(tmp_path, interpolate_offset=0.0)
     assert ours.config.num_register_tokens == 2
     px = pixels(56)
     with torch.no_grad():
-        assert maxdiff(ours.intermediate_layers(px, [-1])[0], ref(pixel_values=px).last_hidden_state[:, 3:]) <= TOL
+        assert (
+            maxdiff(ours.intermediate_layers(px, [-1])[0], ref(pixel_values=px).last_hidden_state[:, 3:])
+            <= TOL
+        )
 
 
 def test_depth_anything_backbone_layout(depth_anything):
     ref, path = depth_anything
     keys = load_file(path / "model.safetensors").keys()
     assert any(k.startswith("neck.") for k in keys) and any(k.startswith("head.") for k in keys)
-    ours = E.DINOv2.from_pretrained(path, interpolate_offset=0.0)
+    ours = DINOv2.from_pretrained(path, interpolate_offset=0.0)
     px = pixels(56)
     with torch.no_grad():
-        maps = ref.backbone(px).feature_maps                 # out_indices 1..4, final norm, CLS kept
+        maps = ref.backbone(px).feature_maps  # out_indices 1..4, final norm, CLS kept
         mine = ours.intermediate_layers(px, [0, 1, 2, 3])
     for a, b in zip(mine, maps):
         assert maxdiff(a, b[:, 1:]) <= TOL
@@ -249,9 +268,9 @@ def test_depth_anything_backbone_layout(depth_anything):
 # --------------------------------------------------------------------------- Swin
 def check_swin(ours, ref, px):
     with torch.no_grad():
-        maps = ref(px).feature_maps                          # (B, C, H, W) per stage
+        maps = ref(px).feature_maps  # (B, C, H, W) per stage
         mine = ours.feature_maps(px)
-        assert maxdiff(ours(px), maps[-1].flatten(2).transpose(1, 2)) <= TOL     # row-major stage-4 tokens
+        assert maxdiff(ours(px), maps[-1].flatten(2).transpose(1, 2)) <= TOL  # row-major stage-4 tokens
     assert len(mine) == 4
     for a, b in zip(mine, maps):
         assert maxdiff(a, b.permute(0, 2, 3, 1)) <= TOL
@@ -261,32 +280,24 @@ def check_swin(ours, ref, px):
 def test_swin_backbone_parity(swin, size):
     """Window 3, shifts everywhere; 98×102 pads the patch embedding and every stage (25×26, 13×13, 7×7, 4×4)."""
     ref, path = swin
-    check_swin(E.Swin.from_pretrained(path), ref, pixels(size))
+    check_swin(Swin.from_pretrained(path), ref, pixels(size))
 
 
 def test_swin_oneformer_layout(swin, oneformer_swin):
     ref, _ = swin
-    check_swin(E.Swin.from_pretrained(oneformer_swin), ref, pixels((98, 102)))
+    check_swin(Swin.from_pretrained(oneformer_swin), ref, pixels((98, 102)))
 
 
 # --------------------------------------------------------------------------- preprocessing
-def photo(w, h, seed=0):
-    """Photo-like: smooth gradients, a few shapes, sensor noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    img = np.stack([np.sin(6 * x + 1) * 0.5 + 0.5, y, (x * y) ** 0.5], -1) * 200
-    img[h // 4: h // 2, w // 3: w // 2] = (230, 40, 60)
-    img += rng.normal(0, 8, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
 @pytest.mark.parametrize("wh", [(640, 427), (333, 500)], ids=["landscape", "portrait"])
 def test_clip_preprocess_matches_clip_image_processor(tf, wh):
     img = photo(*wh)
     for size in (336, 224):
-        proc = tf.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        proc = tf.CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
         ref = torch.as_tensor(np.asarray(proc(img, return_tensors="np")["pixel_values"][0]))
-        assert maxdiff(E.clip_preprocess(img, size), ref) <= TOL
+        assert maxdiff(clip_preprocess(img, size), ref) <= TOL
 
 
 def expand2square(pil_img, background_color):
@@ -306,90 +317,22 @@ def expand2square(pil_img, background_color):
 @pytest.mark.parametrize("wh", [(64, 41), (41, 64), (50, 50)])
 def test_pad_to_square_is_llava_expand2square(wh):
     img = photo(*wh)
-    llava = expand2square(img, tuple(int(x * 255) for x in E.CLIP_MEAN))
-    assert np.array_equal(np.asarray(E.pad_to_square(img)), np.asarray(llava))
-    assert np.array_equal(np.asarray(E.square_view(img, "pad")), np.asarray(llava))
-    assert tuple(int(x * 255) for x in E.CLIP_MEAN) == (122, 116, 104)
+    llava = expand2square(img, tuple(int(x * 255) for x in CLIP_MEAN))
+    assert np.array_equal(np.asarray(pad_to_square(img)), np.asarray(llava))
+    assert np.array_equal(np.asarray(square_view(img, "pad")), np.asarray(llava))
+    assert tuple(int(x * 255) for x in CLIP_MEAN) == (122, 116, 104)
 
 
 def test_center_crop_square_and_resize_normalize():
     img = photo(65, 40)
     arr = np.asarray(img)
-    assert np.array_equal(np.asarray(E.center_crop_square(img)), arr[:, 12:52])
-    assert np.array_equal(np.asarray(E.square_view(img, "crop")), arr[:, 12:52])
+    assert np.array_equal(np.asarray(center_crop_square(img)), arr[:, 12:52])
+    assert np.array_equal(np.asarray(square_view(img, "crop")), arr[:, 12:52])
     with pytest.raises(ValueError, match="crop"):
-        E.square_view(img, "square")
-    x = E.resize_normalize(img.resize((8, 8)), 8, E.IMAGENET_MEAN, E.IMAGENET_STD)
-    manual = (np.asarray(img.resize((8, 8)), dtype=np.float32) / 255 - E.IMAGENET_MEAN) / E.IMAGENET_STD
+        square_view(img, "square")
+    x = resize_normalize(img.resize((8, 8)), 8, IMAGENET_MEAN, IMAGENET_STD)
+    manual = (np.asarray(img.resize((8, 8)), dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
     assert x.shape == (3, 8, 8) and maxdiff(x, torch.as_tensor(manual).permute(2, 0, 1)) <= TOL
-
-
-# --------------------------------------------------------------------------- target encoders
-def test_target_encoders_from_pretrained(dinov2, depth_anything, swin, oneformer_swin, unclip):
-    """The teachers as distillation targets: depth = mean of normed blocks, seg = stage-4 tokens, gen = (B, 1, P)."""
-    targets = E.TargetEncoders.from_pretrained(depth_anything[1], oneformer_swin, unclip[1], interpolate_offset=0.0,
-                                               depth_layers=(0, 2, 3), depth_size=56, seg_size=98)
-    assert all(not p.requires_grad for p in targets.parameters())
-    targets.train()
-    assert not targets.training and not targets.seg.training
-    img = E.square_view(photo(90, 70), "pad")
-    px = {k: v[None].repeat(2, 1, 1, 1) for k, v in targets.preprocess(img).items()}
-    assert {k: tuple(v.shape[-2:]) for k, v in px.items()} == {"depth": (56, 56), "seg": (98, 98), "gen": (42, 42)}
-    out = targets(px)
-    with torch.no_grad():
-        hs = depth_anything[0].backbone(px["depth"], output_hidden_states=True).hidden_states
-        norm = depth_anything[0].backbone.layernorm
-        depth = torch.stack([norm(hs[b + 1])[:, 1:] for b in (0, 2, 3)]).mean(0)
-        assert maxdiff(out["depth"], depth) <= TOL
-        assert maxdiff(targets.depth_last(px["depth"]), norm(hs[4])[:, 1:]) <= TOL
-        seg = swin[0](px["seg"]).feature_maps[-1].flatten(2).transpose(1, 2)
-        assert maxdiff(out["seg"], seg) <= TOL
-        assert maxdiff(out["gen"], unclip[0](pixel_values=px["gen"]).image_embeds[:, None]) <= TOL
-    assert targets.dims == {"depth": 64, "seg": 128, "gen": 48}
-    assert out["depth"].requires_grad is False
-
-
-def test_tiny_targets_match_tiny_base():
-    base = E.CLIPVision(E.CLIPVisionConfig.tiny())
-    targets = E.TargetEncoders.tiny(seed=0)
-    img = E.square_view(photo(150, 100), "crop")
-    px = {k: v[None] for k, v in targets.preprocess(img).items()}
-    out = targets(px)
-    n = base.features(E.clip_preprocess(img, 112)[None]).shape[1]
-    assert n == 64
-    assert out["depth"].shape == (1, n, targets.dims["depth"]) and out["seg"].shape == (1, n, targets.dims["seg"])
-    assert out["gen"].shape == (1, 1, targets.dims["gen"])
-    assert targets.depth.grid != 8                            # the tiny depth teacher interpolates its table
-    again = E.TargetEncoders.tiny(seed=0)(px)
-    assert all(torch.equal(out[k], again[k]) for k in out)
-    assert not torch.equal(E.TargetEncoders.tiny(seed=1)(px)["gen"], out["gen"])
-
-
-def test_tiny_targets_bf16():
-    """The teachers run in the model's dtype (bf16 on GPU, SPEC §8); bf16 stays close to fp32."""
-    fp32, bf16 = E.TargetEncoders.tiny(seed=0), E.TargetEncoders.tiny(seed=0, dtype=torch.bfloat16)
-    px = {k: v[None] for k, v in fp32.preprocess(E.square_view(photo(120, 90), "pad")).items()}
-    ref, out = fp32(px), bf16(px)
-    for k in ref:
-        assert out[k].dtype == torch.bfloat16
-        assert maxdiff(out[k], ref[k]) <= 0.1 * ref[k].abs().max().item()
-
-
-def test_real_size_shapes_on_meta():
-    """SPEC §1 shapes from the real architectures (meta device: no memory, no compute)."""
-    with torch.device("meta"):
-        base = E.CLIPVision(E.CLIPVisionConfig.clip_l_336())
-        targets = E.TargetEncoders(E.TargetConfig())
-        assert base.features(torch.empty(2, 3, 336, 336)).shape == (2, 576, 1024)
-        out = targets({"depth": torch.empty(2, 3, 336, 336), "seg": torch.empty(2, 3, 768, 768),
-                       "gen": torch.empty(2, 3, 224, 224)})
-        assert targets.depth_last(torch.empty(2, 3, 336, 336)).shape == (2, 576, 1024)
-    assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "depth": (2, 576, 1024), "seg": (2, 576, 1536), "gen": (2, 1, 1024)}
-    assert targets.dims == {"depth": 1024, "seg": 1536, "gen": 1024}
-    assert targets.depth.grid == 37 and targets.seg.config.window_size == 12
-    assert sum(p.numel() for p in targets.gen.parameters()) == pytest.approx(632e6, rel=0.01)   # weights.md §2.7
-    assert sum(p.numel() for p in targets.seg.parameters()) == pytest.approx(195e6, rel=0.02)   # weights.md §2.6
 
 
 # --------------------------------------------------------------------------- loader strictness
@@ -397,12 +340,14 @@ def test_real_size_shapes_on_meta():
 def test_loader_is_strict_and_names_the_key(dinov2, tmp_path, case):
     _, path = dinov2
     key = "encoder.layer.2.layer_scale1.lambda1"
-    edits = {"missing": lambda sd: {k: v for k, v in sd.items() if k != key},
-             "unexpected": lambda sd: {**sd, "encoder.layer.9.extra.weight": torch.zeros(3)},
-             "shape": lambda sd: {**sd, key: torch.zeros(5)}}
+    edits = {
+        "missing": lambda sd: {k: v for k, v in sd.items() if k != key},
+        "unexpected": lambda sd: {**sd, "encoder.layer.9.extra.weight": torch.zeros(3)},
+        "shape": lambda sd: {**sd, key: torch.zeros(5)},
+    }
     ckpt = rewrite(path, tmp_path / case, edits[case])
     with pytest.raises(ValueError) as err:
-        E.DINOv2.from_pretrained(ckpt)
+        DINOv2.from_pretrained(ckpt)
     msg = str(err.value)
     assert {"missing": key, "unexpected": "encoder.layer.9.extra.weight", "shape": key}[case] in msg
     assert case.replace("shape", "wrong shape") in msg
@@ -410,12 +355,14 @@ def test_loader_is_strict_and_names_the_key(dinov2, tmp_path, case):
 
 def test_text_tower_keys_are_skipped_but_vision_keys_are_strict(clip_full, tmp_path):
     _, path = clip_full
-    ckpt = rewrite(path, tmp_path / "c", lambda sd: {k: v for k, v in sd.items() if k != "visual_projection.weight"})
+    ckpt = rewrite(
+        path, tmp_path / "c", lambda sd: {k: v for k, v in sd.items() if k != "visual_projection.weight"}
+    )
     with pytest.raises(ValueError, match="visual_projection.weight"):
-        E.CLIPVision.from_pretrained(ckpt)
+        CLIPVision.from_pretrained(ckpt)
     assert any(k.startswith("text_model.") for k in load_file(path / "model.safetensors"))
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        E.Swin.from_pretrained(tmp_path)
+        Swin.from_pretrained(tmp_path)

@@ -1,15 +1,16 @@
 """Losses (SPEC §3): hand-computed values, per-sample masking, and global-batch DDP semantics."""
+
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import dist_infonce
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dist_infonce
 from losses import embedding_loss, info_nce, ntp_loss, smooth_l1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_info_nce_flattens_maps():
     # (B, N, C) maps: the cosine is over the whole flattened map, not per token
     pred = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
     target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 2.0]]])
-    c = 1 / math.sqrt(2)            # p1.t1 = c, p1.t2 = 0, p2.t1 = c, p2.t2 = 1
+    c = 1 / math.sqrt(2)  # p1.t1 = c, p1.t2 = 0, p2.t1 = c, p2.t2 = 1
     l1 = -math.log(math.exp(c) / (math.exp(c) + 1))
     l2 = -math.log(math.e / (math.exp(c) + math.e))
     assert info_nce(pred, target, torch.tensor(0.0), ALL2).item() == pytest.approx((l1 + l2) / 2, abs=1e-6)
@@ -45,11 +46,11 @@ def test_logit_scale_clamped_at_100():
     target = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
     # logits / scale: row 1 (0.8, 0), row 2 (0.96, 0.8); with scale 100, l = log(1 + e^{100(a-b)})
     expected = (math.log1p(math.exp(-80.0)) + math.log1p(math.exp(100 * (0.96 - 0.8)))) / 2
-    s = torch.tensor(10.0, requires_grad=True)                               # e^10 >> 100
+    s = torch.tensor(10.0, requires_grad=True)  # e^10 >> 100
     loss = info_nce(pred, target, s, ALL2)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
-    assert s.grad == 0                                                        # clamped: no gradient
+    assert s.grad == 0  # clamped: no gradient
     s = torch.tensor(1.0, requires_grad=True)
     info_nce(pred, target, s, ALL2).backward()
     assert s.grad != 0
@@ -115,7 +116,7 @@ def test_nothing_valid_gives_connected_zero():
     s = torch.tensor(2.0, requires_grad=True)
     total, sl1, con = embedding_loss(pred, torch.randn(3, 4), s, torch.zeros(3, dtype=torch.bool))
     assert total.item() == 0 and sl1.item() == 0 and con.item() == 0
-    total.backward()                                      # the graph reaches pred and the scale
+    total.backward()  # the graph reaches pred and the scale
     assert pred.grad is not None and pred.grad.abs().sum() == 0 and s.grad == 0
     logits = torch.randn(2, 5, requires_grad=True)
     loss = ntp_loss(logits, torch.tensor([-100, -100]))
@@ -128,8 +129,15 @@ def test_distributed_matches_single_process(tmp_path):
     mean_r loss_r == single-process loss on the concatenated batch, grad(pred_r) == W * (the
     single-process grad of its rows), and mean_r grad(logit_scale) == single-process grad."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_infonce.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "dist_infonce.py"),
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -146,7 +154,7 @@ def test_distributed_matches_single_process(tmp_path):
             mean = sum(r[name][key] for r in ranks) / W
             assert mean.item() == pytest.approx(single.item(), abs=1e-6), (name, key)
         for r in range(W):
-            assert torch.allclose(ranks[r][name]["pred_grad"], W * p.grad[r * B:(r + 1) * B], atol=1e-6)
+            assert torch.allclose(ranks[r][name]["pred_grad"], W * p.grad[r * B : (r + 1) * B], atol=1e-6)
         mean_scale_grad = sum(r[name]["scale_grad"] for r in ranks) / W
         assert mean_scale_grad.item() == pytest.approx(s.grad.item(), abs=1e-6), name
     assert ranks[0]["rank0_empty"]["pred_grad"].abs().sum() == 0
@@ -154,7 +162,9 @@ def test_distributed_matches_single_process(tmp_path):
     lg = logits.clone().requires_grad_()
     loss = ntp_loss(lg, labels)
     loss.backward()
-    assert (ranks[0]["ntp"]["loss"] + ranks[1]["ntp"]["loss"]).item() / W == pytest.approx(loss.item(), abs=1e-6)
+    assert (ranks[0]["ntp"]["loss"] + ranks[1]["ntp"]["loss"]).item() / W == pytest.approx(
+        loss.item(), abs=1e-6
+    )
     grads = torch.cat([ranks[0]["ntp"]["grad"], ranks[1]["ntp"]["grad"]])
     assert torch.allclose(grads, W * lg.grad, atol=1e-6)
 

@@ -1,129 +1,119 @@
-"""OLA-VLM model tests (issue 4): special-token spans, predictor keys, PT gradients, stages, checkpoints."""
-from dataclasses import replace
+"""OLA-VLM model tests: special-token spans, predictor keys, PT gradients, stages, checkpoints, the task
+table (any subset, a fourth task) and LLaVA-1.5 as the degenerate case."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import VOCAB, teacher_pixels, tiny_ola, toy_batch
 
-from encoders import CLIPVision, CLIPVisionConfig, TargetEncoders
-from ola import (DEPTH, GEN, IMAGE, PAD, SEG, TEXT, IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLM, LLMConfig, OLAConfig,
-                 OLAVLM, set_trainable)
+import tasks as task_table
+from encoders import CLIPVision, CLIPVisionConfig
+from llm import LLM
+from ola import IGNORE_INDEX, OLAVLM, EmbeddingPredictors, OLAConfig, SeekTokens, set_trainable
+from tasks import IMAGE, PAD, SYS, TASKS, TEXT, Task, tiny_teachers
+from teachers import DepthTeacher
 
-V = 97  # vocabulary of the random test LLM
-
-
-def tiny_model(seed: int = 0, sources=None) -> tuple[OLAVLM, TargetEncoders]:
-    torch.manual_seed(seed)
-    teachers = TargetEncoders.tiny(seed=seed)
-    llm = LLM(replace(LLMConfig.preset("tiny"), vocab_size=V, pad_token_id=0))
-    return OLAVLM(OLAConfig(), llm, CLIPVision(CLIPVisionConfig.tiny()), teachers.dims, sources), teachers
-
-
-def batch(with_image=(True, False, True), prefix=(5, 3, 7), text=(6, 9, 4), seed=0):
-    """Right-padded ids with one IMAGE_TOKEN_INDEX after `prefix` tokens for image samples;
-    labels on the last 3 text tokens."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for img, p, t in zip(with_image, prefix, text):
-        ids = torch.randint(1, V, (p + t,), generator=g).tolist()
-        if img:
-            ids.insert(p, IMAGE_TOKEN_INDEX)
-        rows.append(ids)
-    T = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), T, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, ids in enumerate(rows):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        labels[b, len(ids) - 3:len(ids)] = input_ids[b, len(ids) - 3:len(ids)]
-        mask[b, :len(ids)] = True
-    n_img = sum(with_image)
-    images = torch.randn(n_img, 3, 112, 112, generator=g)
-    return input_ids, mask, labels, images, torch.tensor(with_image)
+GEN, DEPTH, SEG = (TASKS[t].segment for t in ("gen", "depth", "seg"))
 
 
 @pytest.fixture(scope="module")
 def model_and_teachers():
-    return tiny_model()
+    return tiny_ola()
 
 
 def test_spans_labels_and_text_only(model_and_teachers):
     model, _ = model_and_teachers
-    input_ids, mask, labels, images, has_image = batch()
+    input_ids, mask, labels, images, has_image = toy_batch()
     embeds, attn, new_labels, seg = model.splice(input_ids, mask, labels, images)
     N, K = model.num_image_tokens, model.cfg.num_seek_tokens
     for b, (img, p) in enumerate(zip(has_image.tolist(), (5, 3, 7))):
         n_text = int(mask[b].sum()) - int(img)
         if not img:  # text-only: no image, no special tokens, labels unchanged
-            assert not torch.isin(seg[b], torch.tensor([IMAGE, GEN, DEPTH, SEG])).any()
+            assert (seg[b, :n_text] == TEXT).all() and (seg[b, n_text:] == PAD).all()
             assert torch.equal(new_labels[b, :n_text], labels[b, :n_text])
             continue
-        # SPEC §1: <sys> (p tokens) | <img> (N) | <g> x8 | <d> x8 | <s> x8 | <txt>
-        expect = [TEXT] * p + [IMAGE] * N + [GEN] * K + [DEPTH] * K + [SEG] * K + [TEXT] * (n_text - p)
-        assert seg[b, :len(expect)].tolist() == expect
-        assert (seg[b, len(expect):] == PAD).all() and attn[b].sum() == len(expect)
-        assert (new_labels[b, p:p + N + 3 * K] == IGNORE_INDEX).all()
-        assert torch.equal(new_labels[b, p + N + 3 * K:len(expect)], labels[b, p + 1:n_text + 1])
-        # the inserted embeddings are the projected image features and the pooled query chunks
-        assert torch.allclose(embeds[b, p + N + K:p + N + 2 * K], model.tokens("depth"), atol=1e-6)
-        assert torch.allclose(embeds[b, p + N:p + N + K], model.tokens.gen, atol=1e-6)
+        # Sec. 5.1: <sys> (p tokens) | <img> (N) | <g> x8 | <d> x8 | <s> x8 | <txt>
+        expect = [SYS] * p + [IMAGE] * N + [GEN] * K + [DEPTH] * K + [SEG] * K + [TEXT] * (n_text - p)
+        assert seg[b, : len(expect)].tolist() == expect
+        assert (seg[b, len(expect) :] == PAD).all() and attn[b].sum() == len(expect)
+        assert (new_labels[b, p : p + N + 3 * K] == IGNORE_INDEX).all()
+        assert torch.equal(new_labels[b, p + N + 3 * K : len(expect)], labels[b, p + 1 : n_text + 1])
+        # the inserted embeddings are the pooled query chunks and the <g> tokens
+        assert torch.allclose(embeds[b, p + N + K : p + N + 2 * K], model.tokens("depth"), atol=1e-6)
+        assert torch.allclose(embeds[b, p + N : p + N + K], model.tokens.gen_tokens, atol=1e-6)
     assert model.tokens("seg").shape == (K, model.llm.config.hidden_size)
-    assert torch.allclose(model.tokens("seg")[1], model.tokens.seg[N // K:2 * N // K].mean(0))
+    assert torch.allclose(model.tokens("seg")[1], model.tokens.q_seg[N // K : 2 * N // K].mean(0))
 
 
 @pytest.mark.parametrize("task", ["depth", "seg", "gen"])
 def test_predictor_keys_ignore_other_tasks_tokens(model_and_teachers, task):
     model, _ = model_and_teachers
-    input_ids, mask, labels, images, _ = batch()
+    input_ids, mask, labels, images, _ = toy_batch()
     _, _, _, seg = model.splice(input_ids, mask, labels, images)
-    H = model.llm.config.hidden_size
-    hidden = torch.randn(*seg.shape, H)
+    hidden = torch.randn(*seg.shape, model.llm.config.hidden_size)
     layer = model.predictors.layer_sets[task][0]
-    predict = lambda h: model.predictors.predict(task, layer, h, seg, model.tokens)
+
+    def predict(h):
+        return model.predictors.predict(task, layer, h, seg, model.tokens)
+
     base = predict(hidden)
-    own, = [code for t, code in (("depth", DEPTH), ("seg", SEG), ("gen", GEN)) if t == task]
+    own = TASKS[task].segment
     for code in (DEPTH, SEG, GEN, PAD):
         changed = hidden.clone()
         changed[seg == code] += 10 * torch.randn_like(changed[seg == code])
         same = torch.allclose(predict(changed), base, atol=1e-6)
         assert same == (code != own), f"{task} predictor vs segment {code}"
-    changed = hidden.clone()
-    changed[seg == TEXT] += 1.0
-    assert not torch.allclose(predict(changed), base, atol=1e-6)  # text is a key
+    for code in (SYS, IMAGE, TEXT):  # system prompt, image and text are keys
+        changed = hidden.clone()
+        changed[seg == code] += 1.0
+        assert not torch.allclose(predict(changed), base, atol=1e-6)
 
 
 def test_pt_step_gradients(model_and_teachers):
     model, teachers = model_and_teachers
     set_trainable(model, "pt")
-    input_ids, mask, labels, images, has_image = batch()
-    pixels = {t: torch.randn(int(has_image.sum()), 3, s, s)
-              for t, s in (("depth", 112), ("seg", 256), ("gen", 56))}
-    targets = teachers(pixels)
+    input_ids, mask, labels, images, has_image = toy_batch()
+    targets = teachers(teacher_pixels(teachers, int(has_image.sum())))
     model.zero_grad(set_to_none=True)
     out = model(input_ids, mask, labels, images, has_image, targets)
     out.loss.backward()
     assert out.terms["emb"] > 0 and out.terms["ntp"] > 0
-    expected_terms = {f"{t}@{l}/{k}" for t, ls in model.predictors.layer_sets.items() for l in ls for k in ("sl1", "con")}
+    layer_sets = model.predictors.layer_sets
+    expected_terms = {
+        f"{t}@{layer}/{k}" for t, ls in layer_sets.items() for layer in ls for k in ("sl1", "con")
+    }
     assert expected_terms <= set(out.terms)
-    nonzero = lambda p: p.grad is not None and p.grad.abs().sum() > 0
+
+    def nonzero(p):
+        return p.grad is not None and p.grad.abs().sum() > 0
+
     for name, p in model.predictors.named_parameters():
         assert nonzero(p), f"predictor parameter {name} got no gradient"
-    for name in ("depth", "seg", "gen"):
-        assert nonzero(getattr(model.tokens, name)), f"special tokens {name}"
+    for name, p in model.tokens.named_parameters():
+        assert nonzero(p), f"special tokens {name}"
     assert all(nonzero(p) for p in model.projector.parameters())
-    assert all(nonzero(model.predictors.logit_scales[t]) for t in ("depth", "seg", "gen"))
     frozen = list(model.llm.parameters()) + list(model.vision.parameters()) + list(teachers.parameters())
     assert all(p.grad is None and not p.requires_grad for p in frozen)
 
 
+def test_special_tokens_are_named_after_the_paper(model_and_teachers):
+    model, _ = model_and_teachers
+    names = {name for name, _ in model.tokens.named_parameters()}
+    assert names == {"q_depth", "q_seg", "gen_tokens"}
+
+
 def test_ift_stage_drops_predictors_and_freezes_tokens():
-    model, _ = tiny_model(1)
-    counts = set_trainable(model, "ift")
+    model, _ = tiny_ola(seed=1)
+    counts = set_trainable(model, "ift", verbose=False)
     assert model.predictors is None and "predictors" not in counts
     assert not any(p.requires_grad for p in model.tokens.parameters())
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert all(p.requires_grad for p in model.llm.parameters())
-    input_ids, mask, labels, images, has_image = batch()
-    out = model(input_ids, mask, labels, images, has_image)  # tokens are still inserted
+    input_ids, mask, labels, images, has_image = toy_batch()
+    out = model(input_ids, mask, labels, images, has_image)  # the tokens are still inserted
     assert set(out.terms) == {"ntp"} and (out.segments == GEN).sum() == 2 * model.cfg.num_seek_tokens
 
 
@@ -134,72 +124,190 @@ def test_layer_sets_scale_with_depth():
     assert cfg.layer_set("depth", 8) == (2, 5) and cfg.layer_set("gen", 16) == (6, 10)
 
 
-def test_pt_checkpoint_stores_only_trained_parts_and_round_trips(tmp_path):
-    """With base weights in folders (official layouts), a PT checkpoint holds only the projector,
-    the special tokens and the predictors, and reloads to identical outputs."""
-    from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
-    ref = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                       num_attention_heads=4, num_key_value_heads=2)).eval()
+def test_a_task_subset_builds_only_its_parameters():
+    """--tasks depth: no seg/gen tokens, predictors or logit scales exist (so DDP never sees unused ones)."""
+    model, teachers = tiny_ola(OLAConfig(tasks=("depth",)))
+    assert list(teachers.teachers) == ["depth"] and list(model.predictors.heads) == ["depth"]
+    assert {n for n, _ in model.tokens.named_parameters()} == {"q_depth"}
+    assert list(model.predictors.logit_scales) == ["depth"]
+    input_ids, mask, labels, images, has_image = toy_batch()
+    _, _, _, seg = model.splice(input_ids, mask, labels, images)
+    assert set(seg.unique().tolist()) == {PAD, SYS, IMAGE, DEPTH, TEXT}
+    set_trainable(model, "pt", verbose=False)
+    out = model(input_ids, mask, labels, images, has_image, teachers(teacher_pixels(teachers, 2)))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_llava_is_the_degenerate_case_and_equals_a_plain_llava_forward():
+    """No tasks and N_seek = 0 is LLaVA-1.5: no special tokens, no predictors, and its PT loss equals a
+    plain LLaVA forward written out here (CLIP features -> projector -> spliced embeddings -> LLM -> CE)."""
+    model, teachers = tiny_ola(OLAConfig(tasks=(), num_seek_tokens=0))
+    assert teachers is None and model.tokens is None and model.predictors is None
+    counts = set_trainable(model, "pt", verbose=False)
+    assert counts["total"][0] == sum(p.numel() for p in model.projector.parameters())
+    input_ids, mask, labels, images, has_image = toy_batch()
+    out = model(input_ids, mask, labels, images, has_image)
+    with torch.no_grad():
+        feats = model.vision.features(images)  # (2, 64, 64)
+        projected = model.projector(feats)
+        rows, n = [], 0
+        for b in range(len(input_ids)):
+            ids, lab = input_ids[b][mask[b]], labels[b][mask[b]]
+            emb = model.llm.embed_tokens(ids.clamp(min=0))
+            hit = (ids < 0).nonzero().flatten()
+            if len(hit):
+                p = int(hit[0])
+                emb = torch.cat([emb[:p], projected[n], emb[p + 1 :]])
+                lab = torch.cat([lab[:p], torch.full((len(projected[n]),), IGNORE_INDEX), lab[p + 1 :]])
+                n += 1
+            rows.append((emb, lab))
+        losses, count = 0.0, 0
+        for emb, lab in rows:  # one sample at a time: no padding involved at all
+            logits = model.llm(inputs_embeds=emb[None]).logits[0]
+            losses += F.cross_entropy(logits[:-1], lab[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((lab[1:] != IGNORE_INDEX).sum())
+    assert abs(out.loss.item() - losses.item() / count) <= 1e-5
+    assert set(out.terms) == {"ntp"}
+
+
+def test_no_seek_tokens_keeps_the_embedding_losses_with_own_queries():
+    """Tab. 5, N_seek = 0: no special tokens in the sequence; each predictor learns its own queries."""
+    model, teachers = tiny_ola(OLAConfig(num_seek_tokens=0))
+    assert model.tokens is None and model.image_seq_len == model.num_image_tokens
+    input_ids, mask, labels, images, has_image = toy_batch()
+    out = model(input_ids, mask, labels, images, has_image, teachers(teacher_pixels(teachers, 2)))
+    assert torch.isfinite(out.loss) and out.terms["emb"] > 0
+    assert model.predictors.heads["depth"]["2"].latents.shape == (1, model.num_image_tokens, 128)
+
+
+def test_a_fourth_task_is_one_table_entry(monkeypatch):
+    """A toy 'normals' teacher (a tiny DINOv2, its last block) added through the task table alone trains
+    one PT step: its tokens, predictor and loss terms exist and get gradients."""
+
+    class NormalsTeacher(DepthTeacher):
+        @classmethod
+        def tiny(cls, input_size):
+            teacher = super().tiny(input_size)
+            teacher.blocks = (3,)
+            return teacher
+
+    normals = Task("normals", 7, True, (16,), "target", NormalsTeacher, 14, "a toy surface-normal teacher")
+    monkeypatch.setitem(task_table.TASKS, "normals", normals)
+    cfg = OLAConfig(tasks=("depth", "seg", "gen", "normals"))
+    assert cfg.token_order == ("gen", "depth", "seg", "normals")
+    model, teachers = tiny_ola(cfg)
+    set_trainable(model, "pt", verbose=False)
+    input_ids, mask, labels, images, has_image = toy_batch()
+    out = model(input_ids, mask, labels, images, has_image, teachers(teacher_pixels(teachers, 2)))
+    out.loss.backward()
+    assert {"normals@4/sl1", "normals@4/con"} <= set(out.terms)
+    assert model.tokens.q_normals.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in model.predictors.heads["normals"].parameters())
+    _, _, _, seg = model.splice(input_ids, mask, labels, images)
+    assert (seg[0] == 7).sum() == model.cfg.num_seek_tokens
+
+
+def test_pt_checkpoint_stores_only_trained_parts_and_round_trips(tmp_path, tf):
+    """With base weights in folders (official layouts), a PT checkpoint holds only the projector, the
+    special tokens and the predictors, and reloads to identical outputs; a removed key is named."""
+    ref = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     ref.save_pretrained(tmp_path / "llm")
     vc = CLIPVisionConfig.tiny()
-    clip = CLIPModel(CLIPConfig(vision_config=dict(hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
-                                                   num_hidden_layers=vc.n_layers, num_attention_heads=vc.n_heads,
-                                                   image_size=vc.image_size, patch_size=vc.patch_size),
-                                text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                 num_attention_heads=2), projection_dim=16))
+    vision_config = dict(
+        hidden_size=vc.hidden_size,
+        intermediate_size=vc.intermediate_size,
+        num_hidden_layers=vc.n_layers,
+        num_attention_heads=vc.n_heads,
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+    )
+    text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    clip = tf.CLIPModel(
+        tf.CLIPConfig(vision_config=vision_config, text_config=text_config, projection_dim=16)
+    )
     clip.save_pretrained(tmp_path / "clip")
-    torch.manual_seed(0)
-    teachers = TargetEncoders.tiny(seed=0)
+    teachers = tiny_teachers(("depth", "seg", "gen"), grid=8)
     llm = LLM.from_pretrained(tmp_path / "llm")
     vision = CLIPVision.from_pretrained(tmp_path / "clip")
-    model = OLAVLM(OLAConfig(), llm, vision, teachers.dims,
-                   {"llm": str(tmp_path / "llm"), "vision": str(tmp_path / "clip")})
+    sources = {"llm": str(tmp_path / "llm"), "vision": str(tmp_path / "clip")}
+    model = OLAVLM(OLAConfig(), llm, vision, teachers.dims, sources)
     model.save(tmp_path / "pt", ("projector", "tokens", "predictors"))
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     with safe_open(str(tmp_path / "pt" / "model.safetensors"), "pt") as f:
-        stored = {k.split(".")[0] for k in f.keys()}
+        stored = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118
     assert stored == {"projector", "tokens", "predictors"}
     again = OLAVLM.from_checkpoint(tmp_path / "pt")
-    input_ids, mask, labels, images, has_image = batch()
-    pixels = {t: torch.randn(int(has_image.sum()), 3, s, s) for t, s in (("depth", 112), ("seg", 256), ("gen", 56))}
-    targets = teachers(pixels)
+    assert again.vision.kind == "clip" and again.cfg == model.cfg
+    input_ids, mask, labels, images, has_image = toy_batch()
+    targets = teachers(teacher_pixels(teachers, 2))
     a = model(input_ids, mask, labels, images, has_image, targets)
     b = again(input_ids, mask, labels, images, has_image, targets)
     assert torch.equal(a.loss, b.loss)
+    bad = tmp_path / "pt" / "model.safetensors"
+    sd = load_file(str(bad))
+    sd.pop(next(k for k in sd if k.startswith("predictors.")))
+    save_file(sd, str(bad))
     with pytest.raises(ValueError, match="predictors"):
-        bad = tmp_path / "pt" / "model.safetensors"
-        from safetensors.torch import load_file, save_file
-        sd = load_file(str(bad))
-        sd.pop(next(k for k in sd if k.startswith("predictors.")))
-        save_file(sd, str(bad))
         OLAVLM.from_checkpoint(tmp_path / "pt")
+
+
+def test_config_round_trips_through_json():
+    cfg = OLAConfig(
+        tasks=("seg", "gen"), layer_sets={"seg": (3,)}, task_weights={"gen": 0.25}, token_order=None
+    )
+    again = OLAConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg and again.token_order == ("gen", "seg")
 
 
 def test_generate_appends_answer_tokens(model_and_teachers):
     model, _ = model_and_teachers
     model.eval()
-    input_ids, mask, _, images, has_image = batch()
+    input_ids, mask, _, images, _ = toy_batch()
     out = model.generate(input_ids, mask, images, max_new_tokens=4)
     assert out.shape == (3, 4) and out.dtype == torch.long
     # batched generation equals one-by-one generation (left padding after the splice)
-    first = model.generate(input_ids[:1, :int(mask[0].sum())], mask[:1, :int(mask[0].sum())], images[:1],
-                           max_new_tokens=4)
+    n = int(mask[0].sum())
+    first = model.generate(input_ids[:1, :n], mask[:1, :n], images[:1], max_new_tokens=4)
     assert torch.equal(out[:1], first)
 
 
 def test_real_size_predictor_and_token_counts():
-    """Llama-3-8B sizes on the meta device: per-layer predictor sizes equal the hand counts of the
-    released heads (reference §2.2: depth 62.95M incl. its 3 unused-by-us 1024-d MLPs of 6.30M,
-    seg 14.17M, gen 7.87M) and the special tokens are 2·576·4096 + 8·4096."""
-    from ola import EmbeddingPredictors, SeekTokens
+    """Llama-3-8B sizes on the meta device: per-layer predictor sizes equal the hand counts of the released
+    heads (docs/design.md §3: depth 62.95M incl. its 3 1024-d MLPs of 6.30M that we do not build, seg 14.17M,
+    gen 7.87M) and the special tokens are 2·576·4096 + 8·4096."""
     with torch.device("meta"):
-        predictors = EmbeddingPredictors(OLAConfig(), 4096, 32, {"depth": 1024, "seg": 1536, "gen": 1024})
-        tokens = SeekTokens(576, 4096, 8)
-    count = lambda m: sum(p.numel() for p in m.parameters())
+        dims = {"depth": 1024, "seg": 1536, "gen": 1024}
+        predictors = EmbeddingPredictors(OLAConfig(), 4096, 32, dims, 576)
+        tokens = SeekTokens(("depth", "seg", "gen"), 576, 4096, 8)
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     mlps = 3 * (2 * 1024 * 1024 + 2 * 1024)
     assert count(predictors.heads["depth"]["8"]) == 62_952_448 - mlps == 56_654_848
     assert count(predictors.heads["seg"]["10"]) == 14_171_136
     assert count(predictors.heads["gen"]["12"]) == 7_874_560
-    assert {t: sorted(map(int, predictors.heads[t])) for t in predictors.heads} == \
-        {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
+    layers = {t: sorted(map(int, predictors.heads[t])) for t in predictors.heads}
+    assert layers == {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
     assert count(tokens) == 2 * 576 * 4096 + 8 * 4096
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task"):
+        OLAConfig(tasks=("depth", "normals"))
+    with pytest.raises(ValueError, match="token_order"):
+        OLAConfig(tasks=("depth", "seg"), token_order=("depth",))
+    with pytest.raises(ValueError, match="key_input"):
+        OLAConfig(key_input="everything")

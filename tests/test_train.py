@@ -2,6 +2,7 @@
 
 Marked `slow` (about a minute in all) but kept in CI: they are the only proof that torchrun DDP,
 FSDP2 and resume really work."""
+
 import json
 import os
 import signal
@@ -18,8 +19,11 @@ COMMON = ["--num-workers", "0", "--batch-size", "8", "--save-every", "2"]
 
 
 def run(args: list[str], cwd: Path, nproc: int = 1, wait: bool = True):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = launcher + [str(ROOT / "train.py"), *COMMON, *args]
     if not wait:
@@ -69,8 +73,13 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(workdir):
     assert last < "step_000006", "the run finished before it was killed"
     run(args + ["--out", "killed", "--resume"], workdir)
     assert_same_losses(metrics(workdir / "full" / "pt"), metrics(workdir / "killed" / "pt"), tol=1e-6)
-    assert sorted(p.name for p in (workdir / "killed" / "pt").iterdir()) == \
-        ["final", "metrics.jsonl", "step_000002", "step_000004", "step_000006"]
+    assert sorted(p.name for p in (workdir / "killed" / "pt").iterdir()) == [
+        "final",
+        "metrics.jsonl",
+        "step_000002",
+        "step_000004",
+        "step_000006",
+    ]
 
 
 def test_fsdp2_ift_step_matches_ddp(workdir):
@@ -86,6 +95,9 @@ def test_fsdp2_ift_step_matches_ddp(workdir):
     assert_same_losses(metrics(workdir / "ddp" / "ift"), metrics(workdir / "fsdp" / "ift"), tol=1e-5)
     # the gathered FSDP2 checkpoint loads strictly and holds the DDP run's weights
     from ola import OLAVLM
-    ddp, fsdp = (OLAVLM.from_checkpoint(workdir / run / "ift" / "final").state_dict() for run in ("ddp", "fsdp"))
+
+    ddp, fsdp = (
+        OLAVLM.from_checkpoint(workdir / run / "ift" / "final").state_dict() for run in ("ddp", "fsdp")
+    )
     assert ddp.keys() == fsdp.keys()
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5

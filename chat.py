@@ -1,0 +1,203 @@
+"""Chat tokenization for OLA-VLM (Sec. 5.1; docs/design.md §5): a `tokenizer.json` plus the llama3 / phi3
+LLaVA chat templates -> (input_ids, labels) with the labels checked against the answers, and the tiny
+Llama-3-style BPE that the built-in data trains."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA records
+
+
+# ----------------------------------------------------------------------------- 1. chat templates
+@dataclass(frozen=True)
+class ChatTemplate:
+    """MPT-style LLaVA template: prompt = system + sep + Σ(role + message + sep) (official §5.4)."""
+
+    system: str
+    user: str
+    assistant: str
+    sep: str  # end-of-turn token, a label target after every answer
+    end_of_text: str  # the tokenizer's end-of-text token: second stop id, and the pad id
+
+
+TEMPLATES = {
+    "llama3": ChatTemplate(
+        system="<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
+        "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+        "questions.",
+        user="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        sep="<|eot_id|>",
+        end_of_text="<|end_of_text|>",
+    ),
+    "phi3": ChatTemplate(
+        system="<|system|>\nYou are a helpful AI assistant.",
+        user="\n<|user|>\n",
+        assistant="\n<|assistant|>\n",
+        sep="<|end|>",
+        end_of_text="<|endoftext|>",
+    ),
+}
+
+
+class LabelMismatchError(RuntimeError):
+    """The labelled tokens of a sample do not decode to its answers + end-of-turn tokens."""
+
+
+class ChatTokenizer:
+    """A `tokenizer.json` and a chat template (SPEC §4). `bos_ids`: what the post-processor prepends
+    (Llama-3: `<|begin_of_text|>`); `eos_ids` = (end-of-turn, end-of-text) stop generation; `pad_id` =
+    end-of-text, as Llama-3 has no pad token (padded positions are masked; official §5.3 adds a `<pad>` row)."""
+
+    def __init__(self, path: str | os.PathLike, template: str = "llama3"):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json)")
+        self.path, self.name, self.template = str(path), template, TEMPLATES[template]
+        self.tok = Tokenizer.from_file(self.path)
+        t = self.template
+        for special in re.findall(r"<\|[^|]+\|>", t.system + t.user + t.assistant + t.sep + t.end_of_text):
+            if self.encode(special) != [self.tok.token_to_id(special)]:
+                raise ValueError(
+                    f"{self.path}: template {template!r} needs {special!r} as a single "
+                    f"special token, but the tokenizer encodes it as {self.encode(special)}"
+                )
+        self.sep_id, self.pad_id = self.tok.token_to_id(t.sep), self.tok.token_to_id(t.end_of_text)
+        self.eos_ids = (self.sep_id, self.pad_id)
+        self.bos_ids = self.tok.encode("").ids
+        if self.tok.encode("a").ids != self.bos_ids + self.encode("a"):
+            raise ValueError(
+                f"{self.path}: the post-processor must only prepend tokens (a BOS), "
+                f"got {self.tok.encode('a').tokens} for 'a'"
+            )
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, special tokens in the text matched, nothing added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the image placeholder: OLA-VLM's NUM_SYS_TOKENS (38 Llama-3, 13 Phi-3)."""
+        return self.encode_conversation([{"from": "human", "value": "x"}], with_image=True)[0].index(
+            IMAGE_TOKEN_INDEX
+        )
+
+    def encode_conversation(
+        self, conversations: list, with_image: bool, sample_id: str = "?"
+    ) -> tuple[list[int], list[int]]:
+        """LLaVA conversations [{"from": "human"|"gpt", "value": str}, ...] -> (input_ids, labels).
+
+        With an image, `<image>` is moved (or inserted) to the front of the first user turn (official
+        §5.4); input_ids follow `tokenizer_image_token` (official §5.5): chunks between `<image>`s are
+        encoded separately, joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts
+        inside an answer + sep (character offsets), and each answer's labels must decode to exactly
+        that text, else LabelMismatchError. A trailing human turn ends with the assistant header.
+        """
+        if not isinstance(conversations, list) or not conversations:
+            raise ValueError(f"'conversations' must be a non-empty list, got {conversations!r:.60}")
+        for k, turn in enumerate(conversations):
+            role = ("human", "gpt")[k % 2]
+            if (
+                not isinstance(turn, dict)
+                or turn.get("from") != role
+                or not isinstance(turn.get("value"), str)
+            ):
+                raise ValueError(f"turn {k}: expected {{'from': '{role}', 'value': str}}, got {turn!r:.80}")
+        messages = [turn["value"] for turn in conversations]
+        n_images = sum(m.count(IMAGE_TOKEN) for m in messages)
+        if not with_image and n_images:
+            raise ValueError(f"'{IMAGE_TOKEN}' in the text but the record has no 'image'")
+        if n_images > 1:
+            raise ValueError(f"{n_images} '{IMAGE_TOKEN}' placeholders; one image per sample is supported")
+        # strip like Llama-3's own chat template (`| trim`): answers never start with whitespace that
+        # an rstrip special token (Phi-3's <|assistant|>) would swallow
+        messages = [m.replace(IMAGE_TOKEN, "").strip() for m in messages]
+        if with_image:
+            messages[0] = (IMAGE_TOKEN + "\n" + messages[0]).strip()
+        t = self.template
+        text, spans = t.system + t.sep, []  # spans: character ranges of the answers + their sep
+        for k, message in enumerate(messages):
+            if k % 2:
+                spans.append((len(text), len(text) + len(message + t.sep)))
+                text += message + t.sep
+            else:
+                text += t.user + message + t.sep + t.assistant
+        ids, starts, pos = list(self.bos_ids), [-1] * len(self.bos_ids), 0  # starts: char offset per token
+        for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+            enc = self.tok.encode(chunk, add_special_tokens=False)
+            ids += ([IMAGE_TOKEN_INDEX] if k else []) + enc.ids
+            starts += ([-1] if k else []) + [pos + a for a, _ in enc.offsets]
+            pos += len(chunk) + len(IMAGE_TOKEN)
+        labels = [IGNORE_INDEX] * len(ids)
+        for n, (a, b) in enumerate(spans):
+            inside = [j for j, s in enumerate(starts) if a <= s < b]
+            for j in inside:
+                labels[j] = ids[j]
+            got = self.decode([ids[j] for j in inside], skip_special_tokens=False)
+            if got != text[a:b] or not inside or ids[inside[-1]] != self.sep_id:
+                raise LabelMismatchError(
+                    f"sample {sample_id}: the labelled tokens of answer {n} decode to {got!r}, "
+                    f"expected {text[a:b]!r} (tokenizer {self.path}, template {self.name})"
+                )
+        return ids, labels
+
+
+# ----------------------------------------------------------------------------- 2. tiny tokenizer
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int = 1000) -> Path:
+    """Train a Llama-3-style byte-level BPE on `texts`, deterministically, and save it as `path` (weights.md
+    §5): Llama-3 split regex + ByteLevel, the 10 first Llama-3 specials, BOS via TemplateProcessing."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(LLAMA3_SPECIALS),
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    bos = LLAMA3_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    tok.save(str(path))
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- 3. built-in data

@@ -1,0 +1,183 @@
+"""Checkpoint I/O shared by every loader: finding a folder's weight files, reading them (safetensors,
+sharded safetensors, or `pytorch_model.bin` without unpickling code), strict loading with errors that
+name each key, key tables from our names to a checkpoint's, and atomic folder writes (docs/design.md §7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+# Buffers that old checkpoint files carry but that we recompute: skipped by name (docs/design.md §7).
+SKIPPED_BUFFERS = ("position_ids", "relative_position_index", "rotary_emb.inv_freq")
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder (or a single file)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object of key -> shard file")
+        return [path / shard for shard in sorted(set(weight_map.values()))]
+    for name in (
+        "model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_pytorch_model.safetensors",
+        "open_clip_pytorch_model.bin",
+    ):
+        if (path / name).exists():
+            return [path / name]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
+        f"(+ shards) or pytorch_model.bin"
+    )
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; a missing file, bad UTF-8 or bad JSON is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _read_safetensors(file: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
+    except Exception as e:  # safetensors raises its own error types for bad headers and sizes
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_pickle(file: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or a pickle that asks for code: never executed
+        raise ValueError(f"{file}: cannot be read as a tensors-only checkpoint ({e})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a dict of tensors, got a {type(state).__name__}")
+    return {k: v for k, v in state.items() if wanted(k)}
+
+
+def read_state_dict(
+    path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True
+) -> dict[str, torch.Tensor]:
+    """The tensors whose key passes `keep` and does not end in one of SKIPPED_BUFFERS. Safetensors are read
+    key by key; `.bin`/`.pth` with torch.load(weights_only=True) (a {"model"|"state_dict": ...} wrapper is
+    unwrapped)."""
+
+    def wanted(key: str) -> bool:
+        return keep(key) and not key.endswith(SKIPPED_BUFFERS)
+
+    out: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(path):
+        reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
+        out.update(reader(file, wanted))
+    return out
+
+
+def load_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    names: dict[str, str] | None = None,
+) -> nn.Module:
+    """Copy `state` (our key names) into `module`. Every missing, unexpected or mis-shaped key is listed,
+    with expected and found shapes, in one ValueError; `names` (our key -> checkpoint key) names both."""
+    names = names or {}
+    ours = module.state_dict()
+
+    def label(key: str) -> str:
+        theirs = names.get(key, key)
+        return key if theirs == key else f"{key} (checkpoint key {theirs})"
+
+    problems = [
+        f"  missing    {label(k)}: expected {list(v.shape)}" for k, v in ours.items() if k not in state
+    ]
+    problems += [f"  unexpected {label(k)}: found {list(v.shape)}" for k, v in state.items() if k not in ours]
+    problems += [
+        f"  wrong shape {label(k)}: expected {list(ours[k].shape)}, found {list(v.shape)}"
+        for k, v in state.items()
+        if k in ours and ours[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"cannot load {source} into {type(module).__name__}:\n" + "\n".join(problems))
+    with torch.no_grad():
+        for key, param in ours.items():
+            param.copy_(state[key])
+    return module
+
+
+def config_json(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint folder, or the one next to a weights file."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"no config.json next to the checkpoint {path} (expected {folder / 'config.json'})"
+        )
+    return read_json(folder / "config.json")
+
+
+def rename(key: str, rules: list[tuple[str, str]]) -> str:
+    """Our key -> checkpoint key by the first matching (ours, theirs) prefix rule; {i}, {j} are indices."""
+    for ours, theirs in rules:
+        pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        match = re.match(pattern + "(?P<rest>.*)$", key)
+        if match:
+            return theirs.format(**match.groupdict()) + match["rest"]
+    raise KeyError(f"no checkpoint name for parameter {key}")
+
+
+def load_with_table(
+    module: nn.Module,
+    path: str | os.PathLike,
+    rules: list[tuple[str, str]],
+    keep: Callable[[str], bool],
+    dtype: torch.dtype,
+    prefix: str = "",
+) -> nn.Module:
+    """Strictly load the checkpoint keys that pass `keep` into `module` through the key table `rules`
+    (our prefix -> checkpoint prefix, after `prefix`); the module comes back in `dtype`, in eval mode."""
+    names = {k: prefix + rename(k, rules) for k in module.state_dict()}
+    ours_of = {theirs: k for k, theirs in names.items()}
+    state = {ours_of.get(k, k): v for k, v in read_state_dict(path, keep).items()}
+    return load_strict(module, state, path, names).to(dtype).eval()
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Make the complete folder `tmp` appear as `folder` in one rename: a reader never sees half of it.
+    An old `folder` is first renamed aside, then removed."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
