@@ -20,7 +20,7 @@ IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA records
 # ----------------------------------------------------------------------------- 1. chat templates
 @dataclass(frozen=True)
 class ChatTemplate:
-    """MPT-style LLaVA template: prompt = system + sep + Σ(role + message + sep) (official §5.4)."""
+    """MPT-style LLaVA template: prompt = system + sep + Σ(role + message + sep) (docs/design.md §5)."""
 
     system: str
     user: str
@@ -31,9 +31,11 @@ class ChatTemplate:
 
 TEMPLATES = {
     "llama3": ChatTemplate(
-        system="<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
-        "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-        "questions.",
+        system=(
+            "<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
+            "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+            "questions."
+        ),
         user="<|start_header_id|>user<|end_header_id|>\n\n",
         assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
         sep="<|eot_id|>",
@@ -54,9 +56,10 @@ class LabelMismatchError(RuntimeError):
 
 
 class ChatTokenizer:
-    """A `tokenizer.json` and a chat template (SPEC §4). `bos_ids`: what the post-processor prepends
+    """A `tokenizer.json` and a chat template (docs/design.md §5). `bos_ids`: what the post-processor prepends
     (Llama-3: `<|begin_of_text|>`); `eos_ids` = (end-of-turn, end-of-text) stop generation; `pad_id` =
-    end-of-text, as Llama-3 has no pad token (padded positions are masked; official §5.3 adds a `<pad>` row)."""
+    end-of-text, as Llama-3 has no pad token (padded positions are masked; the released code adds a
+    `<pad>` row instead)."""
 
     def __init__(self, path: str | os.PathLike, template: str = "llama3"):
         if template not in TEMPLATES:
@@ -101,9 +104,9 @@ class ChatTokenizer:
     ) -> tuple[list[int], list[int]]:
         """LLaVA conversations [{"from": "human"|"gpt", "value": str}, ...] -> (input_ids, labels).
 
-        With an image, `<image>` is moved (or inserted) to the front of the first user turn (official
-        §5.4); input_ids follow `tokenizer_image_token` (official §5.5): chunks between `<image>`s are
-        encoded separately, joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts
+        With an image, `<image>` is moved (or inserted) to the front of the first user turn (docs/design.md
+        §5); input_ids follow LLaVA's `tokenizer_image_token`: chunks between `<image>`s are encoded
+        separately, joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts
         inside an answer + sep (character offsets), and each answer's labels must decode to exactly
         that text, else LabelMismatchError. A trailing human turn ends with the assistant header.
         """
@@ -157,7 +160,7 @@ class ChatTokenizer:
 
 
 # ----------------------------------------------------------------------------- 2. tiny tokenizer
-LLAMA3_SPECIALS = (
+LLAMA3_CHAT_TOKENS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
     *(f"<|reserved_special_token_{i}|>" for i in range(4)),
@@ -173,8 +176,8 @@ LLAMA3_SPLIT = (
 
 
 def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int = 1000) -> Path:
-    """Train a Llama-3-style byte-level BPE on `texts`, deterministically, and save it as `path` (weights.md
-    §5): Llama-3 split regex + ByteLevel, the 10 first Llama-3 specials, BOS via TemplateProcessing."""
+    """Train a Llama-3-style byte-level BPE on `texts`, deterministically, and save it as `path`
+    (docs/design.md §5): Llama-3 split regex + ByteLevel, the first 10 Llama-3 special tokens, a BOS."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -187,12 +190,12 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
         texts,
         trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=list(LLAMA3_SPECIALS),
+            special_tokens=list(LLAMA3_CHAT_TOKENS),
             show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    bos = LLAMA3_SPECIALS[0]
+    bos = LLAMA3_CHAT_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
     )

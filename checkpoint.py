@@ -1,6 +1,6 @@
 """Checkpoint I/O shared by every loader: finding a folder's weight files, reading them (safetensors,
 sharded safetensors, or `pytorch_model.bin` without unpickling code), strict loading with errors that
-name each key, key tables from our names to a checkpoint's, and atomic folder writes (docs/design.md §7)."""
+name each key, key tables from our names to a checkpoint's, and atomic folder writes (docs/design.md §12)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-# Buffers that old checkpoint files carry but that we recompute: skipped by name (docs/design.md §7).
+# Buffers that old checkpoint files carry but that we recompute: skipped by name (docs/design.md §8).
 SKIPPED_BUFFERS = ("position_ids", "relative_position_index", "rotary_emb.inv_freq")
 
 
@@ -68,7 +68,7 @@ def read_json(path: str | os.PathLike) -> dict:
 def _read_safetensors(file: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
+            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors raises its own error types for bad headers and sizes
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 

@@ -7,7 +7,8 @@ the last stage's map, flattened row-major: 768 px / 32 = 24×24 = 576 tokens × 
 (`trunk.head.*` pooling norm, `head.proj`) and the text tower are not used.
 
 `ConvNeXt` is a vision tower (see encoders.py): `kind`, `config`, `image_size`, `grid`, `num_tokens`, `width`,
-`features`, `preprocess`, `from_pretrained`. Our parameter names are open_clip's trunk names, so the checkpoint
+`features`, `preprocess`, `from_pretrained`. Our parameter names are open_clip's trunk names, so the
+checkpoint
 key of ours is just `visual.trunk.` + ours."""
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ SKIPPED_HEADS_VISUAL_ONLY = ("head.", "trunk.head.")
 
 
 def keep_open_clip(key: str) -> bool:
-    """A full open_clip checkpoint: every `visual.` key but the heads; the text tower (no `visual.`) skipped."""
+    """A full open_clip checkpoint: every `visual.` key but the heads; the text tower (no `visual.`)
+    is skipped."""
     return key.startswith("visual.") and not key.startswith(SKIPPED_HEADS)
 
 

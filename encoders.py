@@ -1,6 +1,6 @@
 """Vision transformers from scratch: CLIP ViT (the base encoder CLIP-ViT-L/14-336, and the gen teacher's
 CLIP ViT-H/14 of SD-2.1-unCLIP) and DINOv2 (the depth teacher of Depth Anything V2), loading the official
-Hugging Face checkpoints strictly (docs/design.md §7-8). Swin (the seg teacher) lives in swin.py and
+Hugging Face checkpoints strictly (docs/design.md §8, §12). Swin (the seg teacher) lives in swin.py and
 ConvNeXt (the second base encoder, Tab. 1-2) in convnext.py.
 
 The base encoder is a *vision tower*: any module with `kind`, `config`, `image_size`, `grid`, `num_tokens`,
@@ -50,7 +50,7 @@ class Attention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN block: x + ls1·attn(norm1(x)), then x + ls2·fc2(act(fc1(norm2(x)))); LayerScale only in DINOv2."""
+    """Pre-LN block: x + ls1·attn(norm1(x)), then x + ls2·fc2(act(fc1(norm2(x)))); LayerScale: DINOv2."""
 
     def __init__(self, dim: int, n_heads: int, mlp_dim: int, act: str, eps: float, layerscale: bool = False):
         super().__init__()
@@ -77,7 +77,7 @@ class ViTBlock(nn.Module):
         return x + m
 
 
-# --------------------------------------------------------------------------- CLIP ViT (base encoder, gen teacher)
+# -------------------------------------------------------------------- CLIP ViT (base encoder, gen teacher)
 @dataclass
 class CLIPVisionConfig:
     """Defaults: CLIP ViT-L/14-336, the base encoder (docs/design.md §8)."""
@@ -119,7 +119,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_json(cls, cfg: dict, select_layer: int = -2) -> CLIPVisionConfig:
-        """From a full CLIPModel config.json (vision_config nested) or a vision-only one (HF defaults for gaps)."""
+        """From a full CLIPModel config.json (vision_config nested) or a vision-only one (HF defaults)."""
         vision = cfg.get("vision_config", cfg)
         if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
             raise ValueError(f"model_type {vision['model_type']!r} is not a CLIP vision config")
@@ -174,7 +174,7 @@ class CLIPVision(nn.Module):
         self.grid = c.image_size // c.patch_size
         self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, c.patch_size, bias=False)
         self.class_embedding = nn.Parameter(0.02 * torch.randn(c.hidden_size))
-        # unit-scale positions in random (tiny) towers so patch tokens carry where they are, as trained CLIP's do
+        # unit-scale positions in random (tiny) towers: patch tokens carry where they are, like trained CLIP's
         self.pos_embed = nn.Parameter(torch.randn(self.grid**2 + 1, c.hidden_size))
         self.pre_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         blocks = [
@@ -218,7 +218,7 @@ class CLIPVision(nn.Module):
         return self._run(pixels, layer % (n + 1))[:, 1:]
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
-        """visual_projection(post_layernorm(CLS)), not L2-normalised: the gen target. -> (B, projection_dim)"""
+        """visual_projection(post_layernorm(CLS)), not L2-normalised: the gen target. -> (B, P)"""
         if self.proj is None:
             raise ValueError("this CLIPVision has no visual projection (projection_dim=None)")
         return self.proj(self.post_norm(self._run(pixels, self.config.n_layers)[:, 0]))
@@ -231,7 +231,7 @@ class CLIPVision(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, select_layer: int = -2
     ) -> CLIPVision:
-        """A full CLIPModel checkpoint (text tower skipped by prefix) or a CLIPVisionModelWithProjection one."""
+        """A full CLIPModel checkpoint (text tower skipped) or a CLIPVisionModelWithProjection one."""
         model = cls(CLIPVisionConfig.from_json(config_json(path), select_layer))
 
         def keep(key: str) -> bool:
@@ -372,7 +372,7 @@ class DINOv2(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, interpolate_offset: float = 0.1
     ) -> DINOv2:
-        """A plain Dinov2 checkpoint, or Depth-Anything-V2-*-hf (`backbone.*`; neck/head skipped by prefix)."""
+        """A plain Dinov2 checkpoint, or Depth-Anything-V2-*-hf (`backbone.*`; neck/head skipped)."""
         cfg = config_json(path)
         prefix = "backbone." if "backbone_config" in cfg else ""
         model = cls(DINOv2Config.from_json(cfg, interpolate_offset))

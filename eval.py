@@ -1,4 +1,4 @@
-"""Evaluate and use a trained OLA-VLM: CV-Bench (Sec. 5.1, Tab. 1; SPEC §6), the built-in held-out
+"""Evaluate and use a trained OLA-VLM: CV-Bench (Sec. 5.1, Tab. 1; docs/design.md §10), the built-in held-out
 QA, streaming chat, and pictures of what the PT embedding predictors learned (Fig. 6).
 
     python eval.py qa                                  # built-in held-out QA, the tiny run's IFT model
@@ -50,7 +50,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[OLAVLM, ChatTokenizer]:
     """An OLA checkpoint (train.py's `final`) in eval mode and its chat tokenizer. Checkpoints do not record
-    their tokenizer: default = the LLM source folder's tokenizer.json, or the built-in one for a random tiny LLM."""
+    their tokenizer: default = the LLM source folder's tokenizer.json, or the built-in one for a tiny LLM."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -129,7 +129,7 @@ CHOICE_PATTERNS = (
 
 
 def parse_choice(text: str) -> str | None:
-    """The option a free-form answer picks, as "(X)", or None when it names none. SPEC §6: an
+    """The option a free-form answer picks, as "(X)", or None when it names none (docs/design.md §10): an
     unparseable answer is wrong (the released parser reused the previous sample's answer instead)."""
     for pattern in CHOICE_PATTERNS:
         if m := pattern.search(text):
@@ -173,7 +173,7 @@ def score(records: list[dict], outputs: list[str]) -> list[dict]:
 
 
 def metrics(rows: list[dict]) -> dict:
-    """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (SPEC §6):
+    """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (docs/design.md §10):
     2D = mean(acc ADE20K, acc COCO), 3D = acc Omni3D, Overall = (2D + 3D) / 2 (None when absent)."""
 
     def accuracy(rows: list[dict]) -> float | None:
@@ -205,7 +205,7 @@ def run_questions(
     batch_size: int = 8,
     max_new_tokens: int = 128,
 ) -> list[dict]:
-    """Greedy answers to question + MC_SUFFIX (SPEC §6), batched, scored per sample."""
+    """Greedy answers to question + MC_SUFFIX (docs/design.md §10), batched, scored per sample."""
     rows = []
     for i in tqdm(range(0, len(records), batch_size), desc="answering", dynamic_ncols=True):
         chunk = records[i : i + batch_size]
@@ -290,7 +290,7 @@ def predicted_features(
 
 
 def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (the probing score, official §6)."""
+    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (the probe score, §7)."""
     return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
 
 

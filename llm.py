@@ -23,7 +23,7 @@ from checkpoint import load_strict, read_state_dict
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class LLMConfig:
-    """Decoder hyper-parameters; the defaults are Meta-Llama-3-8B-Instruct (weights.md §2.1)."""
+    """Decoder hyper-parameters; the defaults are Meta-Llama-3-8B-Instruct (docs/design.md §8)."""
 
     model_type: str = "llama"  # 'llama' | 'phi3' (only the checkpoint layout differs)
     vocab_size: int = 128256
@@ -166,7 +166,8 @@ def rope_frequencies(config: LLMConfig) -> torch.Tensor:
     d = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
     s = config.rope_scaling
-    if s:  # wavelengths above orig/low_freq_factor are divided by `factor`, below orig/high kept, blended between
+    # wavelengths above orig/low_freq_factor are divided by `factor`, below orig/high kept, blended between
+    if s:
         wavelen, lo, hi = 2 * math.pi / inv_freq, s["low_freq_factor"], s["high_freq_factor"]
         smooth = ((s["original_max_position_embeddings"] / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
@@ -279,7 +280,7 @@ class LLMOutput:
     kv_cache: KVCache | None
 
 
-# Our parameter name -> its (Llama, Phi-3) name in the Hub checkpoints (weights.md §2.1–2.2); {i} = block.
+# Our parameter name -> its (Llama, Phi-3) name in the Hub checkpoints (docs/design.md §8); {i} = block.
 # Phi-3 fuses q|k|v and gate|up: our names that share one checkpoint tensor take its rows in table order.
 HF_KEYS = {
     "embed_tokens.weight": ("model.embed_tokens.weight",) * 2,

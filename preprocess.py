@@ -16,7 +16,7 @@ VIEWS = ("crop", "pad")
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (122, 116, 104)) -> Image.Image:
-    """LLaVA's expand2square: paste the image centred on a square of the CLIP mean colour (int(255 · mean))."""
+    """LLaVA's expand2square: the image centred on a square of the CLIP mean colour (int(255 · mean))."""
     w, h = img.size
     side = max(w, h)
     out = Image.new(img.mode, (side, side), fill)
@@ -49,7 +49,7 @@ def normalize(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...])
 
 
 def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """CLIPImageProcessor: shortest side -> size (bicubic), center crop size², CLIP mean/std. -> (3, size, size)"""
+    """CLIPImageProcessor: shortest side -> size (bicubic), center crop, CLIP mean/std. -> (3, size, size)"""
     w, h = img.size
     if w <= h:
         new = (size, int(size * h / w))  # the long side floored, as transformers does

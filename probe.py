@@ -1,4 +1,4 @@
-r"""Layer-wise probing of a frozen MLLM (Sec. 3, Fig. 3, Tab. 8; SPEC §5): per LLM layer and task
+r"""Layer-wise probing of a frozen MLLM (Sec. 3, Fig. 3, Tab. 8; docs/design.md §7): per LLM layer and task
 (depth, seg, gen) a one-layer Perceiver resampler probe regresses a frozen teacher's features from
 the layer's hidden states. Its score, the mean held-out cosine of prediction and target, says how
 much of the teacher's visual information the layer holds in a readable form. All probes train
@@ -15,7 +15,7 @@ together from ONE no-grad forward of the frozen MLLM per batch.
 One process, one device: the hidden states of every layer are kept for each batch, so at 8B
 probe one task at a time (--tasks) with a --batch-size that fits (the paper: 8 GPUs x 32).
 
-Differences from the released probing code (official §6, §10): it crashes before training
+Differences from the released probing code (docs/design.md §11): it crashes before training
 (unpacking bug, undefined fields); its probes also attend to padding; it inserts the special
 tokens while training but not at evaluation. Here the model's own splice is used in both, and
 the depth target is the last DINOv2 block's normed patch tokens, as in the paper.
@@ -45,7 +45,7 @@ from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
 from teachers import TargetEncoders
 from train import cosine_schedule
 
-PROMPT = "Describe the image in two lines."  # the probing prompt (official §6), empty answer
+PROMPT = "Describe the image in two lines."  # the probing prompt (Sec. 3), empty answer
 # The tiny run (570 built-in images, random teachers) gets more steps and a larger learning rate,
 # as train.py's TINY does: at lr 1e-3 its gen probes cannot even reach the mean-target level.
 TINY = dict(lr=1e-2, batch_size=16, epochs=3)
@@ -53,13 +53,14 @@ TINY = dict(lr=1e-2, batch_size=16, epochs=3)
 
 @dataclass
 class ProbeConfig:
-    """Probe training (SPEC §5): smooth-L1, AdamW lr 1e-3, cosine with 3% warmup, batch 256, 1 epoch."""
+    """Probe training (Sec. 3; docs/design.md §7): smooth-L1, AdamW lr 1e-3, cosine with 3% warmup,
+    batch 256, 1 epoch."""
 
     lr: float = 1e-3
     batch_size: int = 256
     epochs: int = 1
     warmup_ratio: float = 0.03
-    heads: int = 4  # the predictors' resampler shape (SPEC §2)
+    heads: int = 4  # the predictors' resampler shape (Sec. 4.1)
     dim_head: int = 32
 
 
@@ -77,7 +78,7 @@ def autocast(device: torch.device):
 
 class Probes(nn.Module):
     """P_task^l for every task and every layer l: PerceiverResampler(H -> C -> C) with N own queries,
-    where (N, C) is the task's target shape (official §6: depth/seg 576 queries, gen 1; dim = out)."""
+    where (N, C) is the task's target shape (docs/design.md §7: depth/seg 576 queries, gen 1; dim = out)."""
 
     def __init__(
         self,
@@ -115,7 +116,7 @@ class Probes(nn.Module):
 
 def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.Tensor]:
     """Train every probe on `batches` (re-iterable, with len) for cfg.epochs: loss = Σ_task Σ_l
-    smooth-L1 (official §6: no contrastive term, no weights). Returns the mean target of each task
+    smooth-L1 (docs/design.md §7: no contrastive term, no weights). Returns the mean target of each task
     over the first epoch: the trivial "predict the average" probe that evaluate() compares against."""
     optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     total = cfg.epochs * len(batches)
@@ -176,7 +177,7 @@ def builtin_images(paths: dict[str, Path], split: str) -> list[Path]:
 
 
 def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
-    """One entry per unique image of a COCO captions file (official §6 `prepare_coco`)."""
+    """One entry per unique image of a COCO captions file (as the released `prepare_coco` does)."""
     coco = json.loads(Path(captions).read_text())
     if not {"images", "annotations"} <= coco.keys():
         raise ValueError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
@@ -240,7 +241,7 @@ class MLLMFeatures:
                 if t != "gen" and y.shape[1] != self.model.num_image_tokens:
                     raise ValueError(
                         f"{t} teacher gives {y.shape[1]} tokens, the MLLM {self.model.num_image_tokens} "
-                        f"image tokens: a spatial teacher's grid must match the base encoder's (docs/design.md §2)"
+                        f"image tokens: a spatial teacher's grid must be the base encoder's (design.md §2)"
                     )
             yield ProbeBatch(out.hidden_states, out.segments != PAD, targets)
 
@@ -327,7 +328,8 @@ def main(argv=None) -> None:
     train_paths, val_paths = train_paths[: args.max_train_images], val_paths[: args.max_val_images]
     cfg = ProbeConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs)
     print(
-        f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val images, "
+        f"probing {len(args.models)} checkpoint(s) on {len(train_paths)} train / {len(val_paths)} val "
+        f"images, "
         f"tasks {args.tasks}, {cfg}"
     )
     scores, trivial = {}, {}

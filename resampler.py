@@ -1,5 +1,5 @@
-"""Perceiver resampler: the embedding predictor of OLA-VLM (Sec. 4.1, Fig. 4; SPEC §2) and the
-probe of Sec. 3 (SPEC §5).
+"""Perceiver resampler: the embedding predictor of OLA-VLM (Sec. 4.1, Fig. 4) and the
+probe of Sec. 3 (docs/design.md §3, §7).
 
 A set of latents (queries) cross-attends to keys = LLM hidden states. In each block the latents
 attend over cat(keys, latents), so they also see each other. Biases follow the released code:
@@ -46,7 +46,7 @@ class PerceiverResampler(nn.Module):
     """proj_in -> depth x [attention + feed-forward, both residual] -> proj_out -> LayerNorm.
 
     With `num_latents` the module owns learnable latents (1, Q, dim) living in `dim` space
-    (probes, SPEC §5). Without it, latents are passed to forward in `in_dim` space and go
+    (probes, Sec. 3). Without it, latents are passed to forward in `in_dim` space and go
     through the same proj_in as the keys (OLA predictors: Q_depth, Q_seg, mean of <g> states).
     """
 

@@ -42,7 +42,7 @@ PT_PROMPTS = (
     "What is in the photo?",
     "Write a terse but informative summary of the picture.",
 )
-# CV-Bench answer instruction (SPEC §6); IFT teaches it, eval.py appends it to val prompts
+# CV-Bench answer instruction (docs/design.md §10); IFT teaches it, eval.py appends it to val prompts
 MC_SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
 IMAGE_SIZE = 128
 
@@ -252,10 +252,10 @@ def builtin_dataset(
     n_val: int = 100,
     vocab_size: int = 1000,
 ) -> dict[str, Path]:
-    """Write (once, deterministically by `seed`) the built-in image-text set in LLaVA layout; return its paths:
+    """Write (once, deterministically by `seed`) the built-in image-text set in LLaVA layout; return paths:
     {"root", "images", "pt" (558K-like captions), "ift" (665K-like multi-turn QA, 10% text-only), "qa_val"
     (CV-Bench-style jsonl: id, image, task, question, choices, answer "(X)"), "tokenizer" (trained on all the
-    text)}. Written to a temporary folder, then renamed: a folder with `manifest.json` is complete; rank-safe."""
+    text)}. Written to a temporary folder, then renamed: a folder with `manifest.json` is complete."""
     root = Path(root)
     config = {"seed": seed, "n_pt": n_pt, "n_ift": n_ift, "n_val": n_val, "vocab_size": vocab_size}
     paths = {

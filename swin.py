@@ -97,7 +97,7 @@ class SwinBlock(ViTBlock):
         return (index >= n - self.window).long() + (index >= n - self.shift).long()
 
     def shift_mask(self, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
-        """-100 between tokens of a shifted window that come from different image regions. -> (nW, ws², ws²)"""
+        """-100 between tokens of a shifted window from different image regions. -> (nW, ws², ws²)"""
         ids = self.region(Hp, device)[:, None] * 3 + self.region(Wp, device)[None, :]  # (Hp, Wp)
         ids = windows(ids[None, :, :, None], self.window)[0, ..., 0]  # (nW, ws²)
         return (ids[:, None, :] != ids[:, :, None]).float() * -100.0
@@ -171,7 +171,7 @@ class Swin(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Swin:
-        """A SwinBackbone checkpoint, or OneFormer's (`model.pixel_level_module.encoder.*`; the rest skipped)."""
+        """A SwinBackbone checkpoint, or OneFormer's (`model.pixel_level_module.encoder.*`, rest skipped)."""
         cfg = config_json(path)
         model = cls(SwinConfig.from_json(cfg))
         if "backbone_config" in cfg:

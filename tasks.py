@@ -88,7 +88,7 @@ def make_teachers(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> TargetEncoders | None:
-    """The teachers of `tasks`: the official ones of `paths` when given, else the tiny random ones (`seed`)."""
+    """The teachers of `tasks`: the official ones of `paths` if given, else the tiny random ones (`seed`)."""
     if not tasks:
         return None
     if not paths:

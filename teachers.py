@@ -2,11 +2,11 @@
 features an embedding predictor must predict (docs/design.md §2). They run batched, in eval mode, under
 no_grad; which teacher serves which task is the task table's business (tasks.py).
 
-| teacher | encoder | input | target |
+| teacher | encoder | input (square view) | target |
 |---|---|---|---|
-| depth | DINOv2-L/14 of Depth Anything V2 | grid·14 px (336), ImageNet mean/std | mean of the final-normed patch tokens of blocks {4, 11, 17, 23} -> (B, 576, 1024) |
-| seg | Swin-L of OneFormer COCO | grid·32 px (768), ImageNet mean/std | stage-4 map after its norm -> (B, 576, 1536) |
-| gen | CLIP ViT-H/14 of SD-2.1-unCLIP | 224 px, CLIP mean/std | projected image embedding -> (B, 1, 1024) |
+| depth | DINOv2-L/14 (Depth Anything V2) | grid·14 px (336) | mean of normed blocks 4, 11, 17, 23 |
+| seg | Swin-L of OneFormer COCO | grid·32 px (768) | stage-4 map after its norm (B, 576, 1536) |
+| gen | CLIP ViT-H/14 of SD-2.1-unCLIP | 224 px | projected image embedding (B, 1, 1024) |
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class DepthTeacher(Teacher):
         )  # (B, N, 1024)
 
     def probe_target(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The probes regress the LAST block's normed patch tokens (Sec. 3; docs/design.md §6)."""
+        """The probes regress the LAST block's normed patch tokens (Sec. 3; docs/design.md §7)."""
         return self.encoder.intermediate_layers(pixels, [-1])[0]
 
     @classmethod

@@ -1,4 +1,4 @@
-r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (Sec. 5.1; docs/design.md §5-7).
+r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (Sec. 5.1; docs/design.md §5, §6, §12).
 
     python train.py                                   # tiny model, built-in data, PT then IFT on CPU
     torchrun --nproc_per_node=8 train.py --preset llama3-8b --stage pt \
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -30,7 +29,8 @@ import data
 import shapes
 from chat import ChatTokenizer
 from checkpoint import read_json, replace_folder
-from encoders import VISION_TOWERS, CLIPVision, CLIPVisionConfig, detect_tower
+from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
+from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
 from llm import LLM, LLMConfig
 from ola import OLAVLM, OLAConfig, set_trainable
 from tasks import TASKS, add_teacher_args, make_teachers, teacher_paths
@@ -119,33 +119,12 @@ def check_real_inputs(args: argparse.Namespace, error) -> None:
         error(f"teachers given for {extra}, which --tasks {','.join(args.tasks)} does not distill")
 
 
-# ----------------------------------------------------------------------------- distributed
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU; a plain run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if not cuda:
-        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}")
-
-
-def all_mean(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean over ranks of each per-rank loss share (losses are normalised so this is the global loss);
-    one stacked all-reduce and one host sync for all terms."""
-    x = torch.stack([v.detach().float() for v in terms.values()])
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return dict(zip(terms, x.tolist()))
-
-
 # ----------------------------------------------------------------------------- model
-def tiny_model(cfg: OLAConfig, tok: ChatTokenizer, target_dims: dict[str, int] | None, seed: int) -> OLAVLM:
-    """The built-in tiny OLA-VLM (random LLM and CLIP sized for a CPU), reproducible from `seed`."""
+def tiny_model(
+    cfg: OLAConfig, tok: ChatTokenizer, target_dims: dict[str, int] | None, seed: int, kind: str = "clip"
+) -> OLAVLM:
+    """The built-in tiny OLA-VLM (a random LLM and base encoder of `kind`, CPU-sized), reproducible from
+    `seed`. Both tiny towers give an 8×8 grid of image tokens."""
     torch.manual_seed(seed)
     bos = tok.bos_ids[0] if tok.bos_ids else None
     llm_cfg = replace(
@@ -156,7 +135,8 @@ def tiny_model(cfg: OLAConfig, tok: ChatTokenizer, target_dims: dict[str, int] |
         pad_token_id=tok.pad_id,
     )
     llm = LLM(llm_cfg)
-    vision = CLIPVision(CLIPVisionConfig.tiny())
+    tower_cls, tower_cfg = VISION_TOWERS[kind]
+    vision = tower_cls(tower_cfg.tiny())
     return OLAVLM(cfg, llm, vision, target_dims)
 
 
@@ -173,7 +153,7 @@ def build_model(
         return model
     cfg = OLAConfig(tasks=args.tasks)
     if args.preset == "tiny":
-        return tiny_model(cfg, tok, dims, args.seed).to(device)
+        return tiny_model(cfg, tok, dims, args.seed, args.vision_type or "clip").to(device)
     llm = LLM.from_pretrained(args.llm, dtype=dtype, device=device)
     kind = args.vision_type or detect_tower(args.vision)
     vision = VISION_TOWERS[kind][0].from_pretrained(args.vision, dtype=dtype)
@@ -216,25 +196,6 @@ def stage_tasks(args, stage: str) -> tuple[str, ...]:
     return args.tasks
 
 
-def wrap(model: OLAVLM, args, stage: str, device: torch.device):
-    """DDP over the trainable set, or FSDP2 with one shard group per decoder block (docs/design.md §6)."""
-    if not dist.is_initialized():
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        for block in model.llm.layers:
-            fully_shard(block)
-        fully_shard(model.vision)  # its own group: frozen bf16 on GPUs, and a group needs one dtype
-        register_fsdp_forward_method(model.vision, "features")  # called instead of forward()
-        return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    device_ids = [device.index] if device.type == "cuda" else None
-    # IFT batches may be text-only (the projector then gets no gradient); PT has no unused parameters
-    return DDP(model, device_ids=device_ids, find_unused_parameters=stage != "pt")
-
-
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
     """Linear warmup (3% of the steps) then cosine decay to 0 (Sec. 5.1)."""
     if step < warmup:
@@ -243,27 +204,6 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def gather_states(model, optimizer, args) -> tuple[dict | None, dict]:
-    """Model and optimizer states to save. Under FSDP2: unsharded on CPU (a collective: every rank calls it);
-    otherwise (None = the model's own state_dict, the optimizer's state_dict)."""
-    if args.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    return None, optimizer.state_dict()
-
-
-def load_optimizer_state(model, optimizer, state: dict, args) -> None:
-    if args.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-
-
 def json_args(args) -> dict:
     """The run's arguments as plain JSON values (paths as strings)."""
     return json.loads(json.dumps(vars(args), default=str))
@@ -412,16 +352,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     for key, value in batch.items():
         out[key] = {t: move(x) for t, x in value.items()} if isinstance(value, dict) else move(value)
     return out
-
-
-def sync_context(wrapped, args, last: bool):
-    """Reduce gradients across ranks only on the last micro-step of an accumulation."""
-    if not dist.is_initialized():
-        return nullcontext()
-    if args.fsdp:
-        wrapped.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last else wrapped.no_sync()
 
 
 def train_step(run: Run, batches, args, device: torch.device, world: int) -> tuple[dict[str, float], int]:

@@ -124,3 +124,127 @@ def tf():
 
     transformers.logging.set_verbosity_error()
     return transformers
+
+
+# ----------------------------------------------------------------------- fixtures (transformers, saved once)
+def saved(model, tmp_path_factory, name: str):
+    """(reference model, folder it was saved to with save_pretrained: the Hub key layout)."""
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def clip_full(tf, tmp_path_factory):
+    """A full CLIPModel (vision + text tower), the openai/clip-vit-large-patch14-336 layout."""
+    cfg = tf.CLIPConfig(
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=99,
+            max_position_embeddings=16,
+        ),
+        projection_dim=24,
+        attn_implementation="eager",
+    )
+    model = randomize(tf.CLIPModel(cfg))
+    return saved(model, tmp_path_factory, "clip_full")
+
+
+@pytest.fixture(scope="session")
+def unclip(tf, tmp_path_factory):
+    """A CLIPVisionModelWithProjection with exact gelu, the SD-2.1-unCLIP image_encoder/ layout."""
+    cfg = tf.CLIPVisionConfig(
+        hidden_size=80,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=42,
+        patch_size=14,
+        hidden_act="gelu",
+        projection_dim=48,
+        attn_implementation="eager",
+    )
+    model = randomize(tf.CLIPVisionModelWithProjection(cfg))
+    return saved(model, tmp_path_factory, "unclip")
+
+
+DINO_CFG = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    mlp_ratio=2,
+    image_size=70,
+    patch_size=14,
+    attn_implementation="eager",
+)  # table 5×5
+
+
+@pytest.fixture(scope="session")
+def dinov2(tf, tmp_path_factory):
+    model = randomize(tf.Dinov2Model(tf.Dinov2Config(**DINO_CFG)))
+    return saved(model, tmp_path_factory, "dinov2")
+
+
+@pytest.fixture(scope="session")
+def depth_anything(tf, tmp_path_factory):
+    """DepthAnythingForDepthEstimation: DINOv2 under `backbone.*`, plus neck.* / head.* to be skipped."""
+    backbone = tf.Dinov2Config(
+        **DINO_CFG, out_indices=[1, 2, 3, 4], apply_layernorm=True, reshape_hidden_states=False
+    )
+    cfg = tf.DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        reassemble_hidden_size=64,
+    )
+    model = randomize(tf.DepthAnythingForDepthEstimation(cfg))
+    return saved(model, tmp_path_factory, "depth_anything")
+
+
+SWIN_CFG = dict(
+    embed_dim=16,
+    depths=[2, 2, 2, 2],
+    num_heads=[1, 2, 2, 4],
+    window_size=3,
+    out_features=["stage1", "stage2", "stage3", "stage4"],
+    attn_implementation="eager",
+)
+
+
+@pytest.fixture(scope="session")
+def swin(tf, tmp_path_factory):
+    model = randomize(tf.SwinBackbone(tf.SwinConfig(**SWIN_CFG)))
+    return saved(model, tmp_path_factory, "swin")
+
+
+@pytest.fixture(scope="session")
+def oneformer_swin(swin, tmp_path_factory):
+    """The OneFormer layout: the SwinBackbone keys under model.pixel_level_module.encoder.*, the rest of
+    OneFormer
+    beside it, the old relative_position_index buffers, and no dead swin.layernorm."""
+    _, src = swin
+    prefix = "model.pixel_level_module.encoder."
+
+    def nest(sd):
+        out = {prefix + k: v for k, v in sd.items() if not k.startswith("swin.layernorm.")}
+        for k in [k for k in out if k.endswith("relative_position_bias_table")]:
+            old_buffer = k.replace("relative_position_bias_table", "relative_position_index")
+            out[old_buffer] = torch.zeros(9, 9, dtype=torch.long)
+        out["model.pixel_level_module.decoder.mask_projection.weight"] = torch.ones(4, 4)
+        out["model.transformer_module.queries.weight"] = torch.ones(8, 4)
+        return out
+
+    config = {"model_type": "oneformer", "backbone_config": json.loads((src / "config.json").read_text())}
+    return rewrite(src, tmp_path_factory.mktemp("oneformer") / "ckpt", nest, config)

@@ -5,14 +5,15 @@ Reference: transformers' ConvNextModel (same maths as timm's ConvNeXt: stem, str
 7×7 blocks with layer scale; `last_hidden_state` is the last stage's map before any head). timm was not used:
 `pip install timm` would replace the installed torch 2.13.0+cpu (it resolves torchvision 0.29 -> torch 2.14).
 ConvNextModel hard-codes eps=1e-6 in its LayerNorms, whereas convnext_xxlarge uses 1e-5, so parity is checked
-twice: our model loaded with layer_norm_eps=1e-6 against the stock reference, and our default (1e-5) against the
-reference with every LayerNorm's `eps` attribute set to 1e-5. Its weights are renamed to open_clip's
-`visual.trunk.*` names (HF `embeddings.patch_embeddings` -> `stem.0`, `layers.{j}.dwconv` -> `blocks.{j}.conv_dw`,
+twice: our model loaded with layer_norm_eps=1e-6 against the stock reference, and our default (1e-5)
+against the reference with every LayerNorm's `eps` attribute set to 1e-5. Its weights are renamed to open_clip's
+`visual.trunk.*` names (HF `embeddings.patch_embeddings` -> `stem.0`,
+`layers.{j}.dwconv` -> `blocks.{j}.conv_dw`,
 ...) with HF's pooling norm standing in for `visual.trunk.head.norm`, plus a fake `visual.head.proj` and text
 tower keys that the loader must skip."""
 
+import dataclasses
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convnext import ConvNeXt, ConvNeXtConfig, infer_shape
 
@@ -225,3 +224,39 @@ def test_preprocess():
     for c in range(3):
         want = (colour[c] / 255 - mean[c]) / std[c]
         assert torch.allclose(x[c], torch.full((768, 768), want), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- as the base encoder of OLA-VLM
+def test_convnext_base_encoder_trains_pt_and_ift_and_round_trips(tmp_path):
+    """A tiny ConvNeXt base encoder (8×8 tokens at 256 px): one PT step and one IFT step train, the projector
+    input is the trunk's last width, and a checkpoint rebuilds the same tower with identical outputs."""
+    from conftest import teacher_pixels, toy_batch
+
+    from llm import LLM, LLMConfig
+    from ola import OLAVLM, OLAConfig, set_trainable
+    from tasks import tiny_teachers
+
+    teachers = tiny_teachers(("depth", "seg", "gen"), grid=8)
+    torch.manual_seed(0)
+    llm = LLM(dataclasses.replace(LLMConfig.preset("tiny"), vocab_size=97, pad_token_id=0))
+    tower = ConvNeXt(ConvNeXtConfig.tiny())
+    model = OLAVLM(OLAConfig(), llm, tower, teachers.dims)
+    assert model.num_image_tokens == 64 and model.projector[0].in_features == tower.width
+    input_ids, mask, labels, _, has_image = toy_batch()
+    images = torch.randn(2, 3, 256, 256)
+    for stage in ("pt", "ift"):
+        set_trainable(model, stage, verbose=False)
+        targets = teachers(teacher_pixels(teachers, 2)) if stage == "pt" else None
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        out = model(input_ids, mask, labels, images, has_image, targets)
+        out.loss.backward()
+        optimizer.step()
+        assert torch.isfinite(out.loss) and ("emb" in out.terms) == (stage == "pt")
+        assert all(p.grad is None for p in model.vision.parameters())
+    model.save(tmp_path / "ift", ("llm", "projector", "tokens"))
+    again = OLAVLM.from_checkpoint(tmp_path / "ift")
+    assert isinstance(again.vision, ConvNeXt) and again.vision.config == tower.config
+    with torch.no_grad():
+        a = model(input_ids, mask, labels, images, has_image).loss
+        b = again(input_ids, mask, labels, images, has_image).loss
+    assert torch.equal(a, b)

@@ -1,4 +1,5 @@
-"""chat.py, data.py, shapes.py: chat templates and labels, bad data, built-in data, collate, truncation, loader resume."""
+"""chat.py, data.py, shapes.py: chat templates and labels, bad data, built-in data, collate, truncation,
+loader resume."""
 
 import json
 import logging
@@ -64,7 +65,7 @@ PHI3_ADDED = [
 
 
 def llama3_tokenizer(path):
-    """Byte-level BPE with the Llama-3 split regex, the 10 first Llama-3 specials and a BOS (weights.md §5)."""
+    """Byte-level BPE with the Llama-3 split regex, the 10 first Llama-3 specials and a BOS."""
     split = (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
         r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -214,7 +215,7 @@ def test_labels_are_exactly_answers_and_end_of_turn(tokenizers_, name, record):
 
 
 def llava_prompt(name, turns, has_image):
-    """The prompt string of weights.md §5, `<image>` moved to the front like LLaVA's preprocess_multimodal."""
+    """The prompt string of the released templates, `<image>` moved to the front as LLaVA does."""
     user, assistant, sep = ROLES[name]
     msgs = [t["value"] for t in turns]
     if has_image:
@@ -442,7 +443,7 @@ def test_loader_resume_and_world_size(builtin):
     full = Loader(ds, batch_size=3, shuffle=True, seed=5)
     one = [b["ids"] for b in full] + [b["ids"] for b in full]  # two epochs
     assert len(full) == 14 and len(one) == 28 and one[:14] != one[14:]
-    assert sorted(set(i for b in one[:14] for i in b)) == sorted(
+    assert sorted({i for b in one[:14] for i in b}) == sorted(
         r["id"] for r in json.loads(builtin["pt"].read_text())
     )
     # resume mid-epoch from a saved state

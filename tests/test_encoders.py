@@ -1,13 +1,11 @@
 """Encoders: parity against transformers on tiny random models saved in the Hub layouts (docs/design.md §8),
 preprocessing against CLIPImageProcessor / LLaVA's expand2square, and loader strictness."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, maxdiff, photo, pixels, randomize, rewrite
+from conftest import DINO_CFG, TOL, maxdiff, photo, pixels, randomize, rewrite
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,129 +21,6 @@ from preprocess import (
     square_view,
 )
 from swin import Swin
-
-
-# --------------------------------------------------------------------------- fixtures (transformers, saved once)
-def saved(model, tmp_path_factory, name: str):
-    """(reference model, folder it was saved to with save_pretrained: the Hub key layout)."""
-    path = tmp_path_factory.mktemp(name)
-    model.save_pretrained(path)
-    return model, path
-
-
-@pytest.fixture(scope="module")
-def clip_full(tf, tmp_path_factory):
-    """A full CLIPModel (vision + text tower), the openai/clip-vit-large-patch14-336 layout."""
-    cfg = tf.CLIPConfig(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-            hidden_act="quick_gelu",
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=99,
-            max_position_embeddings=16,
-        ),
-        projection_dim=24,
-        attn_implementation="eager",
-    )
-    model = randomize(tf.CLIPModel(cfg))
-    return saved(model, tmp_path_factory, "clip_full")
-
-
-@pytest.fixture(scope="module")
-def unclip(tf, tmp_path_factory):
-    """A CLIPVisionModelWithProjection with exact gelu, the SD-2.1-unCLIP image_encoder/ layout."""
-    cfg = tf.CLIPVisionConfig(
-        hidden_size=80,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=42,
-        patch_size=14,
-        hidden_act="gelu",
-        projection_dim=48,
-        attn_implementation="eager",
-    )
-    model = randomize(tf.CLIPVisionModelWithProjection(cfg))
-    return saved(model, tmp_path_factory, "unclip")
-
-
-DINO_CFG = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    mlp_ratio=2,
-    image_size=70,
-    patch_size=14,
-    attn_implementation="eager",
-)  # table 5×5
-
-
-@pytest.fixture(scope="module")
-def dinov2(tf, tmp_path_factory):
-    model = randomize(tf.Dinov2Model(tf.Dinov2Config(**DINO_CFG)))
-    return saved(model, tmp_path_factory, "dinov2")
-
-
-@pytest.fixture(scope="module")
-def depth_anything(tf, tmp_path_factory):
-    """DepthAnythingForDepthEstimation: DINOv2 under `backbone.*`, plus neck.* / head.* to be skipped."""
-    backbone = tf.Dinov2Config(
-        **DINO_CFG, out_indices=[1, 2, 3, 4], apply_layernorm=True, reshape_hidden_states=False
-    )
-    cfg = tf.DepthAnythingConfig(
-        backbone_config=backbone,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        reassemble_hidden_size=64,
-    )
-    model = randomize(tf.DepthAnythingForDepthEstimation(cfg))
-    return saved(model, tmp_path_factory, "depth_anything")
-
-
-SWIN_CFG = dict(
-    embed_dim=16,
-    depths=[2, 2, 2, 2],
-    num_heads=[1, 2, 2, 4],
-    window_size=3,
-    out_features=["stage1", "stage2", "stage3", "stage4"],
-    attn_implementation="eager",
-)
-
-
-@pytest.fixture(scope="module")
-def swin(tf, tmp_path_factory):
-    model = randomize(tf.SwinBackbone(tf.SwinConfig(**SWIN_CFG)))
-    return saved(model, tmp_path_factory, "swin")
-
-
-@pytest.fixture(scope="module")
-def oneformer_swin(swin, tmp_path_factory):
-    """The OneFormer layout: the SwinBackbone keys under model.pixel_level_module.encoder.*, the rest of OneFormer
-    beside it, the old relative_position_index buffers, and no dead swin.layernorm (weights.md §2.6)."""
-    _, src = swin
-    prefix = "model.pixel_level_module.encoder."
-
-    def nest(sd):
-        out = {prefix + k: v for k, v in sd.items() if not k.startswith("swin.layernorm.")}
-        for k in [k for k in out if k.endswith("relative_position_bias_table")]:
-            old_buffer = k.replace("relative_position_bias_table", "relative_position_index")
-            out[old_buffer] = torch.zeros(9, 9, dtype=torch.long)
-        out["model.pixel_level_module.decoder.mask_projection.weight"] = torch.ones(4, 4)
-        out["model.transformer_module.queries.weight"] = torch.ones(8, 4)
-        return out
-
-    config = {"model_type": "oneformer", "backbone_config": json.loads((src / "config.json").read_text())}
-    return rewrite(src, tmp_path_factory.mktemp("oneformer") / "ckpt", nest, config)
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -212,7 +87,7 @@ def test_dinov2_parity_offset0(dinov2, size):
 
 
 def test_dinov2_offset01_matches_original_formula(dinov2):
-    """Offset 0.1 = original DINOv2 / DAv2: bicubic with scale_factor (h + 0.1) / M (SPEC §1, weights.md §2.5)."""
+    """Offset 0.1 = original DINOv2 / DAv2: bicubic with scale_factor (h + 0.1) / M (docs/design.md §2)."""
     ref, path = dinov2
     ours = DINOv2.from_pretrained(path)  # default offset 0.1
     table = ref.embeddings.position_embeddings.detach()  # (1, 26, 64), 5×5 grid
@@ -278,7 +153,7 @@ def check_swin(ours, ref, px):
 
 @pytest.mark.parametrize("size", [(98, 102), (96, 96)], ids=["padding", "exact"])
 def test_swin_backbone_parity(swin, size):
-    """Window 3, shifts everywhere; 98×102 pads the patch embedding and every stage (25×26, 13×13, 7×7, 4×4)."""
+    """Window 3, shifts everywhere; 98×102 pads the patch embedding and every stage."""
     ref, path = swin
     check_swin(Swin.from_pretrained(path), ref, pixels(size))
 

@@ -1,4 +1,4 @@
-"""Decoder LLM (ola.py, issue 2) against transformers' LlamaForCausalLM / Phi3ForCausalLM.
+"""Decoder LLM (llm.py) against transformers' LlamaForCausalLM / Phi3ForCausalLM.
 
 Reference models are tiny and random, saved with `save_pretrained` (the Hub key layout, incl. Phi-3's
 fused qkv_proj / gate_up_proj) and loaded with our `LLM.from_pretrained`; all comparisons at fp32.
@@ -79,14 +79,14 @@ def models(tmp_path_factory):
             **kw, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, attn_implementation="eager"
         )
         ref = cls(cfg).eval()
-        with (
-            torch.no_grad()
-        ):  # O(1) activations and peaked attention (the default std 0.02 gives near-uniform
-            for (
-                n,
-                p,
-            ) in ref.named_parameters():  # attention that hides mask / rope bugs), non-unit norm weights
-                p.uniform_(0.5, 1.5) if p.ndim == 1 else p.normal_(0, p.shape[1] ** -0.5)
+        # O(1) activations and peaked attention (the default std 0.02 gives near-uniform attention that
+        # hides mask / rope bugs), non-unit norm weights
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.ndim == 1:
+                    p.uniform_(0.5, 1.5)
+                else:
+                    p.normal_(0, p.shape[1] ** -0.5)
         path = tmp_path_factory.mktemp(name)
         ref.save_pretrained(path, **save_kw)
         out[name] = (ref, path, LLM.from_pretrained(path))
@@ -130,7 +130,7 @@ def test_checkpoint_layouts_exercised(models):
 
 
 def test_sliding_window_is_active(models):
-    """Past the window, Phi-3 W=8 differs from the same weights without a window (and matches the reference above)."""
+    """Past the window, Phi-3 W=8 differs from the same weights without a window (matching the reference)."""
     ours = models["phi3_window8"][2]
     ids, _ = batch(ours.config.vocab_size, [24], 24)
     unwindowed = LLM(dataclasses.replace(ours.config, sliding_window=None))
@@ -296,7 +296,7 @@ def test_unknown_model_type(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ configs
-# The official config.json files (Hub / transformers-4 layout; values from reference/weights.md §2.1–2.2).
+# The official config.json files (Hub / transformers-4 layout; values as published on the Hub).
 HUB_CONFIGS = {
     "llama3-8b": (
         {

@@ -1,4 +1,4 @@
-"""Losses (SPEC §3): hand-computed values, per-sample masking, and global-batch DDP semantics."""
+"""Losses (Sec. 4.2, Eq. 1): hand-computed values, per-sample masking, and global-batch DDP semantics."""
 
 import math
 import os

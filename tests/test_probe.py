@@ -1,4 +1,4 @@
-"""Probing (issue 6, SPEC §5): the probes learn what the hidden states hold and nothing else;
+"""Probing (Sec. 3): the probes learn what the hidden states hold and nothing else;
 the MLLM feature path (one frozen forward per batch) and the probing targets."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""PerceiverResampler (SPEC §2) against an independent einsum transcription of the same math."""
+"""PerceiverResampler (Sec. 4.1) against an independent einsum transcription of the same math."""
 
 import math
 
@@ -21,7 +21,7 @@ def gelu(x):
 
 
 def reference(m, keys, latents, mask):
-    """SPEC §2 written out with einsum; reads only the module's parameters, by name."""
+    """Sec. 4.1 / docs/design.md §3 written out with einsum; reads only the module's parameters, by name."""
     p = dict(m.named_parameters())
     x = keys @ p["proj_in.weight"].T + p["proj_in.bias"]  # (B, T, D)
     lat = p["latents"] if latents is None else latents @ p["proj_in.weight"].T + p["proj_in.bias"]

@@ -4,7 +4,6 @@ encoder's grid, tiny teachers reproducible from a seed, real-size shapes on the 
 import pytest
 import torch
 from conftest import TOL, maxdiff, photo
-from test_encoders import clip_full, depth_anything, dinov2, oneformer_swin, swin, unclip  # noqa: F401
 
 from encoders import CLIPVision, CLIPVisionConfig, DINOv2, DINOv2Config
 from preprocess import clip_preprocess, square_view
@@ -55,7 +54,7 @@ def test_teachers_from_pretrained_match_the_reference_targets(
 
 
 def test_input_sizes_derive_from_the_base_grid(depth_anything, oneformer_swin, unclip):
-    """Spatial teachers see grid × pixels-per-token (24 -> 336 / 768; the tiny 8 -> 112 / 256), gen its own."""
+    """Spatial teachers see grid × pixels-per-token (24 -> 336 / 768, 8 -> 112 / 256); gen its own."""
     assert teacher_input_size("depth", 24) == 336 and teacher_input_size("seg", 24) == 768
     assert teacher_input_size("depth", 8) == 112 and teacher_input_size("seg", 8) == 256
     assert teacher_input_size("gen", 24) is None

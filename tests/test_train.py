@@ -1,4 +1,4 @@
-"""End-to-end trainer tests (issue 5), each a real `train.py` run on the tiny preset in a subprocess.
+"""End-to-end trainer tests, each a real `train.py` run on the tiny preset in a subprocess.
 
 Marked `slow` (about a minute in all) but kept in CI: they are the only proof that torchrun DDP,
 FSDP2 and resume really work."""
@@ -51,7 +51,7 @@ def workdir(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_rank_with_double_batch(workdir):
-    """torchrun 2 x b (gloo) == 1 x 2b: global-batch losses and InfoNCE negatives (SPEC §3)."""
+    """torchrun 2 x b (gloo) == 1 x 2b: global-batch losses and InfoNCE negatives (Sec. 4.2)."""
     run(["--stage", "pt", "--max-steps", "3", "--out", "one"], workdir)
     run(["--stage", "pt", "--max-steps", "3", "--out", "two"], workdir, nproc=2)
     one, two = metrics(workdir / "one" / "pt"), metrics(workdir / "two" / "pt")
@@ -101,3 +101,15 @@ def test_fsdp2_ift_step_matches_ddp(workdir):
     )
     assert ddp.keys() == fsdp.keys()
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
+
+
+@pytest.mark.parametrize("tasks", ["depth", ""], ids=["depth-only", "llava"])
+def test_two_rank_pt_with_a_task_subset_or_none(workdir, tasks):
+    """A task subset (or none: LLaVA-1.5) builds no parameters for the other tasks, so 2-rank DDP runs
+    without an "unused parameters" crash, and logs only the enabled task's terms."""
+    out = f"subset-{tasks or 'none'}"
+    run(["--stage", "pt", "--max-steps", "1", "--tasks", tasks, "--out", out], workdir, nproc=2)
+    (record,) = metrics(workdir / out / "pt")
+    emb_terms = {k.split("@")[0] for k in record if "@" in k}
+    assert emb_terms == ({"depth"} if tasks else set())
+    assert ("emb" in record) == bool(tasks)

@@ -1,0 +1,146 @@
+"""The special tokens <t> and the embedding predictors P_task^l of OLA-VLM (Sec. 4.1, Fig. 4;
+docs/design.md §3). Spatial tasks (depth, seg) own a query matrix Q_task whose chunk means are their
+sequence tokens and which are also their predictors' queries; a global task (gen) owns its tokens and
+queries its predictor with the mean of the layer's hidden states at those tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from losses import embedding_loss
+from resampler import PerceiverResampler
+from tasks import IMAGE, SYS, TASKS, TEXT
+
+if TYPE_CHECKING:
+    from ola import OLAConfig
+
+KEY_INPUTS = {  # which segments an embedding predictor reads as keys (App. Tab. I); "t" = its own <t>
+    "img+t": ("img", "t"),
+    "sys+img+t": ("sys", "img", "t"),
+    "sys+img+t+txt": ("sys", "img", "t", "txt"),
+}
+
+
+class SeekTokens(nn.Module):
+    """The special tokens <t> (Sec. 4.1). A spatial task owns a query matrix Q_task (N, H), e.g. `q_depth`;
+    its N_seek sequence tokens are the means of N_seek contiguous chunks of it. A global task owns its
+    N_seek tokens directly, e.g. `gen_tokens` (the <g> tokens)."""
+
+    def __init__(self, tasks: tuple[str, ...], num_image_tokens: int, hidden: int, num_seek: int):
+        super().__init__()
+        if num_image_tokens % num_seek:
+            raise ValueError(f"{num_image_tokens} image tokens do not split into {num_seek} seek tokens")
+        self.num_seek = num_seek
+        self.names = {}
+        for task in tasks:  # randn init, std 1, as released
+            if TASKS[task].spatial:
+                self.names[task] = f"q_{task}"
+                self.register_parameter(self.names[task], nn.Parameter(torch.randn(num_image_tokens, hidden)))
+            else:
+                self.names[task] = f"{task}_tokens"
+                self.register_parameter(self.names[task], nn.Parameter(torch.randn(num_seek, hidden)))
+
+    def parameter(self, task: str) -> nn.Parameter:
+        """Q_task (N, H) of a spatial task, the N_seek tokens of a global one."""
+        return getattr(self, self.names[task])
+
+    def forward(self, task: str) -> torch.Tensor:
+        """The task's N_seek sequence tokens (N_seek, H): Q_task average-pooled in contiguous chunks."""
+        p = self.parameter(task)
+        if not TASKS[task].spatial:
+            return p
+        return p.view(self.num_seek, -1, p.shape[-1]).mean(1)
+
+
+class EmbeddingPredictors(nn.Module):
+    """P_task^l for every task and every layer l of its layer set (Fig. 4), and one learnable InfoNCE logit
+    scale per task (Sec. 4.2) when the contrastive term is on. `own_latents`: without special tokens
+    (N_seek = 0) each predictor learns its own queries, as the released code does."""
+
+    def __init__(
+        self,
+        cfg: OLAConfig,
+        hidden: int,
+        n_layers: int,
+        target_dims: dict[str, int],
+        num_image_tokens: int,
+        own_latents: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_sets = {task: cfg.layer_set(task, n_layers) for task in cfg.tasks}
+        self.heads = nn.ModuleDict()
+        for task in cfg.tasks:
+            spec = TASKS[task]
+            width = hidden if spec.predictor_width == "llm" else target_dims[task]
+            num_latents = None
+            if own_latents:
+                num_latents = num_image_tokens if spec.spatial else 1
+            heads = {}
+            for layer in self.layer_sets[task]:
+                heads[str(layer)] = PerceiverResampler(
+                    hidden,
+                    width,
+                    target_dims[task],
+                    num_latents=num_latents,
+                    depth=cfg.predictor_depth,
+                    heads=cfg.predictor_heads,
+                    dim_head=cfg.predictor_dim_head,
+                )
+            self.heads[task] = nn.ModuleDict(heads)
+        self.logit_scales = None
+        if cfg.contrastive_weight:
+            scales = {task: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for task in cfg.tasks}
+            self.logit_scales = nn.ParameterDict(scales)
+
+    def key_mask(self, task: str, segments: torch.Tensor) -> torch.Tensor:
+        """(B, T) True where the task's predictor reads keys: the segments of cfg.key_input (App. Tab. I);
+        never padding nor the other tasks' special tokens."""
+        codes = {"sys": [SYS], "img": [IMAGE], "t": [TASKS[task].segment], "txt": [TEXT]}
+        wanted = [code for part in KEY_INPUTS[self.cfg.key_input] for code in codes[part]]
+        return torch.isin(segments, torch.tensor(wanted, device=segments.device))
+
+    def predict(
+        self, task: str, layer: int, hidden: torch.Tensor, segments: torch.Tensor, tokens: SeekTokens | None
+    ) -> torch.Tensor:
+        """Predict the task's target from layer `layer`'s hidden states (B, T, H). -> (B, N or 1, C)"""
+        head = self.heads[task][str(layer)]
+        keys = self.key_mask(task, segments)
+        if head.latents is not None:  # own queries (no special tokens)
+            return head(hidden, key_mask=keys)
+        if TASKS[task].spatial:  # N queries: Q_task itself, shared by the batch
+            latents = tokens.parameter(task).unsqueeze(0)  # (1, N, H)
+        else:  # one query: the mean of the layer's hidden states at the task's N_seek <t> positions
+            own = (segments == TASKS[task].segment).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            latents = (hidden * own).sum(1, keepdim=True) / own.sum(1, keepdim=True).clamp(min=1)  # (B, 1, H)
+        return head(hidden, latents, keys)
+
+    def forward(
+        self,
+        hidden_states: tuple[torch.Tensor, ...],
+        segments: torch.Tensor,
+        tokens: SeekTokens | None,
+        targets: dict[str, torch.Tensor],
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+        """Σ_task λ_task Σ_l L_emb^l (Eq. 1), every term for logging, and the (detached) predictions.
+        `targets[task]` is (B, ...); rows of samples without an image (valid False) are ignored."""
+        total = 0.0
+        terms = {}
+        predictions = {}
+        for task in self.cfg.tasks:
+            scale = None if self.logit_scales is None else self.logit_scales[task]
+            for layer in self.layer_sets[task]:
+                pred = self.predict(task, layer, hidden_states[layer], segments, tokens)
+                emb, sl1, con = embedding_loss(
+                    pred, targets[task], scale, valid, self.cfg.sl1_weight, self.cfg.contrastive_weight
+                )
+                total = total + self.cfg.task_weight(task) * emb
+                terms[f"{task}@{layer}/sl1"] = sl1.detach()
+                if con is not None:
+                    terms[f"{task}@{layer}/con"] = con.detach()
+                predictions[(task, layer)] = pred.detach()
+        return total, terms, predictions
