@@ -6,7 +6,8 @@ Reference: transformers' ConvNextModel (same maths as timm's ConvNeXt: stem, str
 `pip install timm` would replace the installed torch 2.13.0+cpu (it resolves torchvision 0.29 -> torch 2.14).
 ConvNextModel hard-codes eps=1e-6 in its LayerNorms, whereas convnext_xxlarge uses 1e-5, so parity is checked
 twice: our model loaded with layer_norm_eps=1e-6 against the stock reference, and our default (1e-5)
-against the reference with every LayerNorm's `eps` attribute set to 1e-5. Its weights are renamed to open_clip's
+against the reference with every LayerNorm's `eps` attribute set to 1e-5. Its weights are renamed to
+open_clip's
 `visual.trunk.*` names (HF `embeddings.patch_embeddings` -> `stem.0`,
 `layers.{j}.dwconv` -> `blocks.{j}.conv_dw`,
 ...) with HF's pooling norm standing in for `visual.trunk.head.norm`, plus a fake `visual.head.proj` and text
