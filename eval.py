@@ -286,7 +286,9 @@ def predicted_features(
         has_image=torch.tensor([True], device=device),
         targets=targets,
     )
-    return square, {(t, l): (p[0].float(), targets[t][0].float()) for (t, l), p in out.predictions.items()}
+    return square, {
+        (t, layer): (p[0].float(), targets[t][0].float()) for (t, layer), p in out.predictions.items()
+    }
 
 
 def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -313,7 +315,7 @@ def show(square: Image.Image, features: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     tasks = [t for t in ("depth", "seg") if any(k[0] == t for k in features)]
-    layers = {t: sorted(l for task, l in features if task == t) for t in tasks}
+    layers = {t: sorted(layer for task, layer in features if task == t) for t in tasks}
     ncols = 1 + 2 * max(map(len, layers.values()))
     fig = Figure(figsize=(2.2 * ncols, 2.4 * len(tasks)))
     axes = fig.subplots(len(tasks), ncols, squeeze=False)
@@ -322,15 +324,15 @@ def show(square: Image.Image, features: dict, path: Path) -> None:
     for row, t in zip(axes, tasks):
         row[0].imshow(square)
         row[0].set_title(f"input ({t})", fontsize=9)
-        for k, l in enumerate(layers[t]):
-            pred, target = features[(t, l)]
+        for k, layer in enumerate(layers[t]):
+            pred, target = features[(t, layer)]
             cos = cosine(pred[None], target[None]).item()
             for ax, img, name in zip(
                 row[1 + 2 * k : 3 + 2 * k], pca_rgb(pred, target), ("predicted", "target")
             ):
                 ax.imshow(img.numpy(), interpolation="nearest")
                 ax.set_title(
-                    f"{t} L{l} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9
+                    f"{t} L{layer} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9
                 )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,10 +94,10 @@ class Probes(nn.Module):
             {
                 t: nn.ModuleDict(
                     {
-                        str(l): PerceiverResampler(
+                        str(layer): PerceiverResampler(
                             hidden, C, C, num_latents=N, heads=heads, dim_head=dim_head
                         )
-                        for l in self.layers
+                        for layer in self.layers
                     }
                 )
                 for t, (N, C) in target_shapes.items()
@@ -108,9 +108,9 @@ class Probes(nn.Module):
         """-> {(task, layer): prediction (B, N, C)}"""
         with autocast(key_mask.device):
             return {
-                (t, l): self.heads[t][str(l)](hidden_states[l].float(), key_mask=key_mask)
+                (t, layer): self.heads[t][str(layer)](hidden_states[layer].float(), key_mask=key_mask)
                 for t in self.tasks
-                for l in self.layers
+                for layer in self.layers
             }
 
 
@@ -155,13 +155,13 @@ def evaluate(
     sums, trivial, n = {}, {}, 0
     for batch in tqdm(batches, desc="probe eval", dynamic_ncols=True):
         preds = probes(batch.hidden_states, batch.key_mask)
-        for (t, l), p in preds.items():
-            sums[(t, l)] = sums.get((t, l), 0.0) + cosine(p, batch.targets[t]).sum().item()
+        for (t, layer), p in preds.items():
+            sums[(t, layer)] = sums.get((t, layer), 0.0) + cosine(p, batch.targets[t]).sum().item()
         for t, m in (mean_targets or {}).items():
             y = batch.targets[t]
             trivial[t] = trivial.get(t, 0.0) + cosine(m.to(y.device).expand_as(y), y).sum().item()
         n += len(batch.key_mask)
-    scores = {t: {l: sums[(t, l)] / n for l in probes.layers} for t in probes.tasks}
+    scores = {t: {layer: sums[(t, layer)] / n for layer in probes.layers} for t in probes.tasks}
     return scores, {t: s / n for t, s in trivial.items()}
 
 
@@ -256,8 +256,8 @@ def plot(scores: dict, trivial: dict, path: Path) -> None:
     axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for label, s in scores.items():
-            layers = sorted(int(l) for l in s[t])
-            ax.plot(layers, [s[t][str(l)] for l in layers], marker="o", label=label)
+            layers = sorted(int(layer) for layer in s[t])
+            ax.plot(layers, [s[t][str(layer)] for layer in layers], marker="o", label=label)
         if t in trivial:
             ax.axhline(trivial[t], color="gray", linestyle="--", label="mean target")
         ax.set(title=f"{t} probe", xlabel="LLM layer", ylabel="cosine similarity")
@@ -363,7 +363,7 @@ def main(argv=None) -> None:
         )
         mean_targets = train_probes(probes, train, cfg)
         s, trivial = evaluate(probes, val, mean_targets)
-        scores[label] = {t: {str(l): v for l, v in per_layer.items()} for t, per_layer in s.items()}
+        scores[label] = {t: {str(layer): v for layer, v in per_layer.items()} for t, per_layer in s.items()}
         for t, per_layer in s.items():
             best = max(per_layer, key=per_layer.get)
             print(

@@ -72,16 +72,22 @@ def photo(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def tiny_ola(
-    cfg: OLAConfig | None = None, seed: int = 0, vocab: int = VOCAB, n_layers: int = 8, sources=None, **llm
+    cfg: OLAConfig | None = None,
+    seed: int = 0,
+    vocab: int = VOCAB,
+    n_layers: int = 8,
+    sources=None,
+    vision=None,
+    **llm,
 ):
     """The tiny OLA-VLM of the built-in run (random LLM and CLIP) and its tiny teachers, from `seed`.
-    `llm` overrides LLMConfig fields (vocab_size, special ids ...)."""
+    `vision`: a base encoder with an 8×8 grid (default: the tiny CLIP); `llm` overrides LLMConfig fields."""
     cfg = cfg or OLAConfig()
     teachers = make_teachers({}, cfg.tasks, grid=8, seed=seed)
     torch.manual_seed(seed)
     fields = {"vocab_size": vocab, "n_layers": n_layers, "pad_token_id": 0, **llm}
     llm_cfg = replace(LLMConfig.preset("tiny"), **fields)
-    vision = CLIPVision(CLIPVisionConfig.tiny())
+    vision = vision or CLIPVision(CLIPVisionConfig.tiny())
     dims = teachers.dims if teachers is not None else None
     return OLAVLM(cfg, LLM(llm_cfg), vision, dims, sources), teachers
 

@@ -13,7 +13,6 @@ open_clip's
 ...) with HF's pooling norm standing in for `visual.trunk.head.norm`, plus a fake `visual.head.proj` and text
 tower keys that the loader must skip."""
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -231,17 +230,12 @@ def test_preprocess():
 def test_convnext_base_encoder_trains_pt_and_ift_and_round_trips(tmp_path):
     """A tiny ConvNeXt base encoder (8×8 tokens at 256 px): one PT step and one IFT step train, the projector
     input is the trunk's last width, and a checkpoint rebuilds the same tower with identical outputs."""
-    from conftest import teacher_pixels, toy_batch
+    from conftest import teacher_pixels, tiny_ola, toy_batch
 
-    from llm import LLM, LLMConfig
-    from ola import OLAVLM, OLAConfig, set_trainable
-    from tasks import tiny_teachers
+    from ola import OLAVLM, set_trainable
 
-    teachers = tiny_teachers(("depth", "seg", "gen"), grid=8)
-    torch.manual_seed(0)
-    llm = LLM(dataclasses.replace(LLMConfig.preset("tiny"), vocab_size=97, pad_token_id=0))
     tower = ConvNeXt(ConvNeXtConfig.tiny())
-    model = OLAVLM(OLAConfig(), llm, tower, teachers.dims)
+    model, teachers = tiny_ola(vision=tower)
     assert model.num_image_tokens == 64 and model.projector[0].in_features == tower.width
     input_ids, mask, labels, _, has_image = toy_batch()
     images = torch.randn(2, 3, 256, 256)
