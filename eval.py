@@ -1,345 +1,108 @@
-"""Evaluate and use a trained OLA-VLM: CV-Bench (Sec. 5.1, Tab. 1; docs/design.md §10), the built-in held-out
-QA, streaming chat, and pictures of what the PT embedding predictors learned (Fig. 6).
+r"""Evaluate a trained OLA-VLM on the benchmarks of Tab. 1 (Sec. 5.1; docs/design.md §10) — CV-Bench, MMStar,
+RealWorldQA, OK-VQA — and on the built-in held-out QA; chat with it; picture its PT predictors (Fig. 6).
 
     python eval.py qa                                  # built-in held-out QA, the tiny run's IFT model
-    python eval.py cvbench --model runs/llama3-8b/ift/final --data CV-Bench/test.jsonl --images CV-Bench
+    python eval.py cvbench --model runs/llama3-8b/ift/final --data CV-Bench      # test.jsonl or test_2d/3d
+    python eval.py mmstar --model ... --data MMStar    # a .jsonl / .parquet file or an HF dataset folder
+    python eval.py report runs/*/eval --paper          # one markdown table in Tab. 1's column order
     python eval.py chat --image photo.jpg --prompt "What is in the image?"
     python eval.py show --image photo.jpg              # PCA of predicted vs target depth/seg features
+
+Each benchmark run writes <out>/predictions.jsonl (one line per question: output, parsed prediction,
+score) and <out>/summary.json (the metrics), by default in <checkpoint's run>/eval/<benchmark>/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-import sys
-from itertools import takewhile
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-import data
 import shapes
+from benchmarks import BENCHMARKS, Benchmark, open_image, report_table
 from chat import ChatTokenizer
+from inference import BUILTIN, DEFAULT_RUN, answer, chat, device_and_dtype, load_model
 from ola import OLAVLM
 from preprocess import square_view
+from scoring import normalize_answer, parse_choice, vqa_accuracy
 from tasks import add_teacher_args, make_teachers, teacher_paths
-from teachers import TargetEncoders
 
-DEFAULT_RUN = Path("runs/tiny")  # where `python train.py` writes
-BUILTIN = Path("data_cache/builtin")  # the built-in data (and tokenizer) train.py uses
+__all__ = ["BENCHMARKS", "normalize_answer", "parse_choice", "run_benchmark", "vqa_accuracy"]
 
 
-# ----------------------------------------------------------------------------- 1. loading
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def load_model(
-    folder: str | Path,
-    tokenizer: str | Path | None = None,
-    with_predictors: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[OLAVLM, ChatTokenizer]:
-    """An OLA checkpoint (train.py's `final`) in eval mode and its chat tokenizer. Checkpoints do not record
-    their tokenizer: default = the LLM source folder's tokenizer.json, or the built-in one for a tiny LLM."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder}: not an OLA checkpoint (no config.json); train one with "
-            f"`python train.py` or pass the checkpoint folder"
-        )
-    model = OLAVLM.from_checkpoint(folder, dtype=dtype, device=device, with_predictors=with_predictors).eval()
-    llm_folder = model.sources.get("llm")
-    path = Path(
-        tokenizer
-        or (
-            Path(llm_folder) / "tokenizer.json"
-            if llm_folder
-            else shapes.builtin_dataset(BUILTIN)["tokenizer"]
-        )
-    )
-    tok = ChatTokenizer(path, "phi3" if model.llm.config.model_type == "phi3" else "llama3")
-    if tok.vocab_size > model.llm.config.vocab_size:
-        raise ValueError(
-            f"tokenizer {path} has {tok.vocab_size} tokens, the LLM of {folder} only "
-            f"{model.llm.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)"
-        )
-    return model, tok
-
-
-def prompt_ids(tok: ChatTokenizer, prompt: str, with_image: bool = True) -> list[int]:
-    """One user turn ("<image>\\n" + prompt) ending with the assistant header: a generation prompt."""
-    return tok.encode_conversation([{"from": "human", "value": prompt}], with_image)[0]
-
-
-def image_pixels(path: str | Path, tower, view: str = "pad") -> tuple[Image.Image, torch.Tensor]:
-    """The square view (pad at inference, crop for PT; docs/design.md §2) and the base encoder's pixels."""
-    try:
-        with Image.open(path) as img:
-            square = square_view(img.convert("RGB"), view)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return square, tower.preprocess(square)
-
-
-# ----------------------------------------------------------------------------- 2. answers
-@torch.no_grad()
-def answer(
+# ----------------------------------------------------------------------------- benchmarks
+def run_benchmark(
     model: OLAVLM,
     tok: ChatTokenizer,
-    prompts: list[str],
-    images: list[torch.Tensor] | None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    streamer=None,
-) -> list[str]:
-    """Answers to a batch of prompts (one image each, or none), greedy by default. OLAVLM.generate
-    left-pads the spliced sequences, so the batch can mix prompt lengths."""
-    rows = [torch.tensor(prompt_ids(tok, p, images is not None)) for p in prompts]
-    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id)  # (B, T) right-padded
-    mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]  # (B, T)
-    device, dtype = model.projector[0].weight.device, model.projector[0].weight.dtype
-    pixels = torch.stack(images).to(device, dtype) if images is not None else None
-    out = model.generate(
-        ids.to(device),
-        mask.to(device),
-        images=pixels,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_token_ids=tok.eos_ids,
-        streamer=streamer,
-    )  # (B, n_new)
-    return [tok.decode(takewhile(lambda t: t not in tok.eos_ids, row)).strip() for row in out.tolist()]
-
-
-CHOICE_PATTERNS = (
-    re.compile(r"\(([A-Z])\)"),  # "(B)", "The answer is (C)."
-    re.compile(r"^\s*([A-Z])\s*(?:[).:,]|$)"),  # "B", "B) because...", "B."
-    re.compile(r"\banswer is:?\s*([A-Z])\b"),  # "The answer is C"
-)
-
-
-def parse_choice(text: str) -> str | None:
-    """The option a free-form answer picks, as "(X)", or None when it names none (docs/design.md §10): an
-    unparseable answer is wrong (the released parser reused the previous sample's answer instead)."""
-    for pattern in CHOICE_PATTERNS:
-        if m := pattern.search(text):
-            return f"({m.group(1)})"
-    return None
-
-
-# ----------------------------------------------------------------------------- 3. multiple choice
-def read_questions(path: str | Path) -> list[dict]:
-    """CV-Bench `test.jsonl` or the built-in `qa_val.jsonl`: records with prompt, answer "(X)", an
-    image path ("filename" in CV-Bench, "image" in ours), task and source."""
-    records = data.read_records(path)
-    for n, r in enumerate(records, 1):
-        missing = [k for k in ("prompt", "answer") if k not in r] + (
-            [] if "filename" in r or "image" in r else ["filename|image"]
-        )
-        if missing:
-            raise ValueError(f"{path}: record {n} lacks {missing} (expected CV-Bench fields)")
+    benchmark: Benchmark,
+    rows: list[dict],
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+) -> list[dict]:
+    """Greedy answers to every row's prompt in batches (left-padded), each scored on its own output only:
+    nothing carries over between questions. -> one record per question"""
+    max_new_tokens = max_new_tokens or benchmark.max_new_tokens
+    records = []
+    bar = tqdm(total=len(rows), desc=benchmark.name, dynamic_ncols=True)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        # the inference view: the image padded to a square (docs/design.md §2)
+        images = [model.vision.preprocess(square_view(open_image(row), "pad")) for row in chunk]
+        outputs = answer(model, tok, [row["prompt"] for row in chunk], images, max_new_tokens)
+        records += [benchmark.score(row, output) for row, output in zip(chunk, outputs, strict=True)]
+        bar.update(len(chunk))
+    bar.close()
     return records
 
 
-def score(records: list[dict], outputs: list[str]) -> list[dict]:
-    """One row per sample: the raw output, the parsed choice and whether it equals the answer.
-    Each row depends on its own output only: nothing carries over between samples."""
-    rows = []
-    for r, out in zip(records, outputs, strict=True):
-        pred = parse_choice(out)
-        rows.append(
-            {
-                "id": r.get("id", r.get("idx")),
-                "task": r.get("task"),
-                "source": r.get("source"),
-                "type": r.get("type"),
-                "answer": r["answer"],
-                "output": out,
-                "prediction": pred,
-                "correct": pred is not None and pred == r["answer"],
-            }
-        )
-    return rows
+def write_results(out: Path, records: list[dict], summary: dict, info: dict) -> None:
+    """<out>/predictions.jsonl and <out>/summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record, default=str) + "\n")
+    (out / "summary.json").write_text(json.dumps({**info, "metrics": summary}, indent=1))
 
 
-def metrics(rows: list[dict]) -> dict:
-    """Overall, per-task and per-source accuracy; plus CV-Bench's own aggregate (docs/design.md §10):
-    2D = mean(acc ADE20K, acc COCO), 3D = acc Omni3D, Overall = (2D + 3D) / 2 (None when absent)."""
+def print_summary(name: str, summary: dict) -> None:
+    def percent(value) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
 
-    def accuracy(rows: list[dict]) -> float | None:
-        return sum(r["correct"] for r in rows) / len(rows) if rows else None
-
-    def by(key: str) -> dict[str, float]:
-        groups = sorted({str(r[key]) for r in rows})
-        return {g: accuracy([r for r in rows if str(r[key]) == g]) for g in groups}
-
-    sources = by("source")
-    two_d = [sources[s] for s in ("ADE20K", "COCO") if s in sources]
-    cv = {"2D": sum(two_d) / len(two_d) if two_d else None, "3D": sources.get("Omni3D")}
-    cv["Overall"] = (cv["2D"] + cv["3D"]) / 2 if None not in cv.values() else None
-    return {
-        "n": len(rows),
-        "accuracy": accuracy(rows),
-        "unparsed": sum(r["prediction"] is None for r in rows),
-        "tasks": by("task"),
-        "sources": sources,
-        "cvbench": cv,
-    }
+    print(f"{name}: accuracy {percent(summary.get('accuracy'))}% over {summary.get('n')} questions")
+    for key in ("tasks", "sources", "category"):
+        if summary.get(key):
+            print(f"  {key:<10} " + "  ".join(f"{k} {percent(v)}" for k, v in summary[key].items()))
+    if summary.get("2D") is not None:
+        cvbench = f"2D {percent(summary['2D'])}  3D {percent(summary['3D'])}"
+        print(f"  cvbench    {cvbench}  overall {percent(summary['overall'])}")
 
 
-def run_questions(
-    model: OLAVLM,
-    tok: ChatTokenizer,
-    records: list[dict],
-    image_root: str | Path,
-    batch_size: int = 8,
-    max_new_tokens: int = 128,
-) -> list[dict]:
-    """Greedy answers to question + MC_SUFFIX (docs/design.md §10), batched, scored per sample."""
-    rows = []
-    for i in tqdm(range(0, len(records), batch_size), desc="answering", dynamic_ncols=True):
-        chunk = records[i : i + batch_size]
-        images = [
-            image_pixels(Path(image_root) / r.get("filename", r.get("image")), model.vision)[1] for r in chunk
-        ]
-        outputs = answer(model, tok, [r["prompt"] + shapes.MC_SUFFIX for r in chunk], images, max_new_tokens)
-        rows += score(chunk, outputs)
-    return rows
+def collect_summaries(folders: list[str]) -> dict[str, dict[str, dict]]:
+    """Every summary.json under `folders` -> {model: {benchmark: metrics}} for report_table."""
+    summaries: dict[str, dict[str, dict]] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("summary.json")):
+            result = json.loads(path.read_text())
+            if "benchmark" not in result:
+                continue
+            summaries.setdefault(result["model"], {})[result["benchmark"]] = result["metrics"]
+    if not summaries:
+        raise FileNotFoundError(f"no benchmark summary.json under {folders}")
+    return summaries
 
 
-def report(rows: list[dict], out: Path, **info) -> dict:
-    """Print the accuracies and write them with every per-sample prediction to `out` (JSON)."""
-    m = metrics(rows)
-    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
-    print(f"accuracy {fmt(m['accuracy'])}% over {m['n']} questions ({m['unparsed']} unparseable answers)")
-    for group in ("tasks", "sources", "cvbench"):
-        print(f"  {group:<8} " + "  ".join(f"{k} {fmt(v)}" for k, v in m[group].items()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "metrics": m, "samples": rows}, indent=1))
-    print(f"wrote {out}")
-    return m
+# ----------------------------------------------------------------------------- CLI
+BENCHMARK_HELP = {
+    "qa": "the built-in held-out multiple-choice QA",
+    "cvbench": "CV-Bench: a root with test.jsonl, or test_2d.jsonl + test_3d.jsonl",
+    "mmstar": "MMStar (val): a .jsonl / .parquet file or an HF dataset folder",
+    "realworldqa": "RealWorldQA (test): a .jsonl / .parquet file or an HF dataset folder",
+    "okvqa": "OK-VQA (val2014): a .jsonl / .parquet file or an HF dataset folder",
+}
 
 
-# ----------------------------------------------------------------------------- 4. chat
-def chat(
-    model: OLAVLM,
-    tok: ChatTokenizer,
-    prompt: str,
-    image: str | Path | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    stream=sys.stdout,
-) -> str:
-    """Answer one prompt about one image (or none), printing the answer while it is generated."""
-    ids, shown = [], ""
-
-    def streamer(next_id: torch.Tensor) -> None:  # LLM.generate calls it with each new id (B=1,)
-        nonlocal shown
-        if int(next_id[0]) in tok.eos_ids:  # generation stops after it
-            return
-        ids.append(int(next_id[0]))
-        text = tok.decode(ids).strip()  # as `answer` returns it
-        if not text.endswith("\ufffd"):  # else half of a multi-byte character: wait for the rest
-            stream.write(text[len(shown) :])
-            stream.flush()
-            shown = text
-
-    images = [image_pixels(image, model.vision)[1]] if image else None
-    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, streamer)[0]
-    stream.write("\n")
-    return text
-
-
-# ----------------------------------------------------------------------------- 5. pictures
-@torch.no_grad()
-def predicted_features(
-    model: OLAVLM,
-    tok: ChatTokenizer,
-    teachers: TargetEncoders,
-    image: str | Path,
-    prompt: str = shapes.PT_PROMPTS[0],
-) -> tuple[Image.Image, dict]:
-    """PT predictors' outputs at every supervised layer and the teachers' targets for one image
-    (PT's center-crop view) -> (square image, {(task, layer): (pred (N, C), target (N, C))})."""
-    if model.predictors is None:
-        raise ValueError(
-            "this checkpoint has no embedding predictors: pass a PT checkpoint (e.g. runs/tiny/pt/final)"
-        )
-    square, pixels = image_pixels(image, model.vision, view="crop")
-    device = model.projector[0].weight.device
-    targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square).items()})
-    ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
-    out = model(
-        ids,
-        torch.ones_like(ids, dtype=torch.bool),
-        images=pixels[None].to(device),
-        has_image=torch.tensor([True], device=device),
-        targets=targets,
-    )
-    return square, {
-        (t, layer): (p[0].float(), targets[t][0].float()) for (t, layer), p in out.predictions.items()
-    }
-
-
-def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps (the probe score, §7)."""
-    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
-
-
-def pca_rgb(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) x 2 -> two (h, w, 3) images in [0, 1]: the top-3 principal components of the
-    prediction and target tokens, fitted jointly so both use the same colours."""
-    x = torch.cat([pred, target])
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)  # v: (min(2N, C), C)
-    y = x @ v[:3].T  # (2N, 3)
-    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
-    y = ((y - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1)
-    side = math.isqrt(len(pred))
-    return y[: len(pred)].view(side, side, -1), y[len(pred) :].view(side, side, -1)
-
-
-def show(square: Image.Image, features: dict, path: Path) -> None:
-    """One row per spatial task: the input, then per supervised layer the PCA of the prediction
-    beside the target's (Fig. 6), titled with their cosine similarity."""
-    from matplotlib.figure import Figure
-
-    tasks = [t for t in ("depth", "seg") if any(k[0] == t for k in features)]
-    layers = {t: sorted(layer for task, layer in features if task == t) for t in tasks}
-    ncols = 1 + 2 * max(map(len, layers.values()))
-    fig = Figure(figsize=(2.2 * ncols, 2.4 * len(tasks)))
-    axes = fig.subplots(len(tasks), ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for row, t in zip(axes, tasks):
-        row[0].imshow(square)
-        row[0].set_title(f"input ({t})", fontsize=9)
-        for k, layer in enumerate(layers[t]):
-            pred, target = features[(t, layer)]
-            cos = cosine(pred[None], target[None]).item()
-            for ax, img, name in zip(
-                row[1 + 2 * k : 3 + 2 * k], pca_rgb(pred, target), ("predicted", "target")
-            ):
-                ax.imshow(img.numpy(), interpolation="nearest")
-                ax.set_title(
-                    f"{t} L{layer} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9
-                )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
-# ----------------------------------------------------------------------------- 6. CLI
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -351,16 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", help="OLA checkpoint folder (default: <run>/ift/final; show: <run>/pt/final)"
     )
     common.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
-    common.add_argument("--out", help="output file (default: next to the checkpoint)")
-    for name, what in (("qa", "built-in held-out multiple-choice QA"), ("cvbench", "CV-Bench test.jsonl")):
+    common.add_argument("--out", help="output folder / file (default: next to the checkpoint)")
+    for name, what in BENCHMARK_HELP.items():
         s = sub.add_parser(name, parents=[common], help=what)
-        s.add_argument(
-            "--data", required=name == "cvbench", help="questions .jsonl (qa: the built-in qa_val)"
-        )
-        s.add_argument("--images", required=name == "cvbench", help="folder the image paths are relative to")
+        s.add_argument("--data", required=name != "qa", help="the benchmark's file or folder")
+        s.add_argument("--images", help="folder image paths are relative to (default: the data's folder)")
         s.add_argument("--limit", type=int, help="only the first N questions")
         s.add_argument("--batch-size", type=int, default=16)
-        s.add_argument("--max-new-tokens", type=int, default=128)
+        s.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (128 or 16)")
+    s = sub.add_parser("report", help="one markdown table (Tab. 1's columns) of every summary.json found")
+    s.add_argument("folders", nargs="+", help="eval folders, e.g. runs/*/eval")
+    s.add_argument("--paper", action="store_true", help="add the paper's Tab. 1 rows")
     s = sub.add_parser("chat", parents=[common], help="answer one prompt, streaming")
     s.add_argument("--image", help="image file (omit for a text-only prompt)")
     s.add_argument("--prompt", required=True)
@@ -372,33 +136,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_teacher_args(s)  # default: train.py's tiny random teachers
     s.add_argument("--seed", type=int, default=0, help="the tiny teachers' seed (train.py --seed)")
     args = p.parse_args(argv)
+    if args.command == "report":
+        return args
     args.model = Path(args.model or Path(args.run) / ("pt" if args.command == "show" else "ift") / "final")
-    if args.command == "qa" and args.data and not args.images:
-        p.error("qa --data needs --images (the folder its image paths are relative to)")
     if args.command == "show":
         args.teachers = teacher_paths(args, p.error)
-    default_out = {"qa": "qa_results.json", "cvbench": "cvbench_results.json", "show": "predictions.png"}
-    if args.command in default_out:
-        args.out = Path(args.out or args.model.parent / default_out[args.command])
+        args.out = Path(args.out or args.model.parent / "predictions.png")
+    elif args.command in BENCHMARK_HELP:
+        args.out = Path(args.out or args.model.parent.parent / "eval" / args.command)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.command == "report":
+        print(report_table(collect_summaries(args.folders), paper=args.paper))
+        return
     device, dtype = device_and_dtype()
+    with_predictors = args.command == "show"
     model, tok = load_model(
-        args.model, args.tokenizer, with_predictors=args.command == "show", device=device, dtype=dtype
+        args.model, args.tokenizer, with_predictors=with_predictors, device=device, dtype=dtype
     )
-    if args.command in ("qa", "cvbench"):
+    if args.command in BENCHMARK_HELP:
+        name = "builtin" if args.command == "qa" else args.command
         if args.command == "qa" and not args.data:
             builtin = shapes.builtin_dataset(BUILTIN)
             args.data, args.images = builtin["qa_val"], args.images or builtin["images"]
-        records = read_questions(args.data)[: args.limit]
-        rows = run_questions(model, tok, records, args.images, args.batch_size, args.max_new_tokens)
-        report(rows, args.out, model=str(args.model), data=str(args.data))
+        benchmark = BENCHMARKS[name]
+        rows = benchmark.read(args.data, args.images)[: args.limit]
+        records = run_benchmark(model, tok, benchmark, rows, args.batch_size, args.max_new_tokens)
+        summary = benchmark.aggregate(records)
+        print_summary(name, summary)
+        info = {"benchmark": name, "model": str(args.model), "data": str(args.data)}
+        write_results(args.out, records, summary, info)
+        print(f"wrote {args.out / 'predictions.jsonl'} and {args.out / 'summary.json'}")
     elif args.command == "chat":
         chat(model, tok, args.prompt, args.image, args.max_new_tokens, args.temperature)
     else:
+        from pictures import predicted_features, show  # matplotlib only when a picture is asked for
+
         teachers = make_teachers(args.teachers, model.cfg.tasks, model.vision.grid, args.seed, dtype).to(
             device
         )

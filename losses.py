@@ -106,3 +106,8 @@ def embedding_loss(
         return sl1_weight * sl1, sl1, None
     con = info_nce(pred, target, logit_scale, valid)
     return sl1_weight * sl1 + contrastive_weight * con, sl1, con
+
+
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) x (B, N, C) -> (B,) cosine of the whole flattened maps: the probe score (Sec. 3)."""
+    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)

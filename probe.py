@@ -39,7 +39,8 @@ from tqdm import tqdm
 import data
 import shapes
 from chat import ChatTokenizer
-from eval import BUILTIN, DEFAULT_RUN, cosine, device_and_dtype, image_pixels, load_model, prompt_ids
+from inference import BUILTIN, DEFAULT_RUN, device_and_dtype, image_pixels, load_model, prompt_ids
+from losses import cosine
 from resampler import PerceiverResampler
 from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
 from teachers import TargetEncoders

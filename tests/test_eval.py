@@ -1,92 +1,22 @@
-"""eval.py: the answer parser, per-sample scoring, CV-Bench aggregation, and
-smoke runs of qa / chat / show on a tiny random checkpoint."""
+"""eval.py, inference.py, pictures.py on a tiny random checkpoint: batched answers equal one-at-a-time
+answers, every benchmark of Tab. 1 runs end to end from 3-row fixtures in its published layout, `report`
+prints the table; chat streams; the predictor pictures (Fig. 6)."""
 
+import base64
 import io
 import json
 
 import pytest
 import torch
 from conftest import tiny_ola
+from PIL import Image
 
 import shapes
+from benchmarks import BENCHMARKS
 from chat import ChatTokenizer
-from eval import (
-    answer,
-    chat,
-    load_model,
-    main,
-    metrics,
-    parse_choice,
-    pca_rgb,
-    predicted_features,
-    read_questions,
-    run_questions,
-    score,
-    show,
-)
-
-
-# ----------------------------------------------------------------------------- parser and scoring
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("(B)", "(B)"),
-        ("B", "(B)"),
-        ("The answer is (C).", "(C)"),
-        ("B) because it is closer", "(B)"),
-        ("  D.", "(D)"),
-        ("The answer is A", "(A)"),
-        ("(A) left", "(A)"),
-        ("The red circle is on the left.", None),
-        ("A circle.", None),
-        ("", None),
-        ("I cannot tell", None),
-    ],
-)
-def test_parse_choice(text, expected):
-    assert parse_choice(text) == expected
-
-
-def test_unparseable_answer_is_wrong_and_never_reuses_the_previous_one():
-    records = [{"id": i, "answer": "(A)", "prompt": "q", "task": "Count", "source": "COCO"} for i in range(3)]
-    rows = score(records, ["(A)", "the left one", "B"])
-    assert [r["prediction"] for r in rows] == ["(A)", None, "(B)"]
-    assert [r["correct"] for r in rows] == [True, False, False]  # the released parser would score row 2 right
-    assert metrics(rows)["unparsed"] == 1
-
-
-def row(source, task, correct):
-    return {
-        "source": source,
-        "task": task,
-        "type": "3D" if source == "Omni3D" else "2D",
-        "correct": correct,
-        "prediction": "(A)",
-    }
-
-
-def test_cvbench_aggregation():
-    rows = (
-        [row("ADE20K", "Count", c) for c in (1, 1, 0, 0)]
-        + [row("COCO", "Relation", 1)]
-        + [row("Omni3D", "Depth", c) for c in (1, 0)]
-        + [row("Omni3D", "Distance", c) for c in (0, 0)]
-    )
-    m = metrics(rows)
-    assert m["sources"] == {"ADE20K": 0.5, "COCO": 1.0, "Omni3D": 0.25}
-    assert m["tasks"] == {"Count": 0.5, "Depth": 0.5, "Distance": 0.0, "Relation": 1.0}
-    assert m["cvbench"] == {"2D": 0.75, "3D": 0.25, "Overall": 0.5}  # 2D = mean of sources, not of samples
-    assert m["accuracy"] == pytest.approx(4 / 9)
-    assert metrics(rows[:5])["cvbench"] == {"2D": 0.75, "3D": None, "Overall": None}
-
-
-def test_read_questions_names_the_bad_record(tmp_path):
-    f = tmp_path / "q.jsonl"
-    f.write_text(
-        json.dumps({"prompt": "p", "answer": "(A)", "image": "x.png"}) + "\n" + json.dumps({"prompt": "p"})
-    )
-    with pytest.raises(ValueError, match=r"q.jsonl: record 2 lacks \['answer', 'filename\|image'\]"):
-        read_questions(f)
+from eval import main, run_benchmark
+from inference import answer, chat, load_model
+from pictures import pca_rgb, predicted_features, show
 
 
 # ----------------------------------------------------------------------------- tiny checkpoint
@@ -102,45 +32,102 @@ def tiny(tmp_path_factory):
     return paths, root / "ckpt", teachers
 
 
-def test_qa_smoke_and_batching(tiny, tmp_path):
+def test_batched_answers_equal_one_at_a_time(tiny):
+    """Left padding: a batch mixing prompt lengths answers exactly like one prompt at a time (greedy)."""
     paths, ckpt, _ = tiny
     model, tok = load_model(ckpt, paths["tokenizer"])
-    records = read_questions(paths["qa_val"])
-    rows = run_questions(model, tok, records, paths["images"], batch_size=4, max_new_tokens=6)
-    assert len(rows) == 6 and all(isinstance(r["output"], str) for r in rows)
-    assert 0 <= metrics(rows)["accuracy"] <= 1
-    # left padding: a batch mixing prompt lengths answers exactly like one prompt at a time
-    one_by_one = [
-        r["output"]
-        for k in range(6)
-        for r in run_questions(
-            model, tok, records[k : k + 1], paths["images"], batch_size=1, max_new_tokens=6
+    bench = BENCHMARKS["builtin"]
+    rows = bench.read(paths["qa_val"], paths["images"])
+    assert len({len(r["prompt"]) for r in rows}) > 1
+    batched = run_benchmark(model, tok, bench, rows, batch_size=4, max_new_tokens=6)
+    single = [run_benchmark(model, tok, bench, [r], batch_size=1, max_new_tokens=6)[0] for r in rows]
+    assert [r["output"] for r in batched] == [r["output"] for r in single]
+    assert len(batched) == 6 and 0 <= bench.aggregate(batched)["accuracy"] <= 1
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_jsonl(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def benchmark_fixtures(root):
+    """3 rows per benchmark in its published field layout (CV-Bench in the current 2D / 3D split)."""
+    (root / "cv" / "img").mkdir(parents=True)
+    for i in range(3):
+        (root / "cv" / "img" / f"{i}.png").write_bytes(png((40 * i, 90, 200)))
+    kinds = [("2D", "Count", "ADE20K"), ("2D", "Relation", "COCO"), ("3D", "Depth", "Omni3D")]
+    cv = [
+        dict(
+            idx=i,
+            type=t,
+            task=task,
+            source=src,
+            filename=f"img/{i}.png",
+            prompt="Which? (A) x (B) y",
+            answer="(A)",
         )
+        for i, (t, task, src) in enumerate(kinds)
     ]
-    assert len({len(r["prompt"]) for r in records}) > 1 and [r["output"] for r in rows] == one_by_one
-    # the CLI writes metrics and every sample
-    out = tmp_path / "qa.json"
+    cv = [{**r, "answer": "(A)"} for r in cv]
+    write_jsonl(root / "cv" / "test_2d.jsonl", cv[:2])
+    write_jsonl(root / "cv" / "test_3d.jsonl", cv[2:])
+    image = base64.b64encode(png((10, 200, 30))).decode()
+    categories = ["coarse perception", "math", "math"]
+    mmstar = [
+        dict(index=i, question="Which?\nA. x\nB. y", image=image, answer="B", category=c, l2_category="s")
+        for i, c in enumerate(categories)
+    ]
+    write_jsonl(root / "mmstar.jsonl", mmstar)
+    question = "How many? Please answer directly with only the letter of the correct option and nothing else."
+    write_jsonl(
+        root / "rwqa.jsonl", [dict(question=question, image=image, answer=a) for a in ("A", "2", "B")]
+    )
+    okvqa = [dict(question_id=i, question="What is it?", image=image, answers=["dog"] * 10) for i in range(3)]
+    write_jsonl(root / "okvqa.jsonl", okvqa)
+    return {
+        "cvbench": root / "cv",
+        "mmstar": root / "mmstar.jsonl",
+        "realworldqa": root / "rwqa.jsonl",
+        "okvqa": root / "okvqa.jsonl",
+    }
+
+
+def test_every_benchmark_runs_end_to_end_and_report_prints_the_table(tiny, tmp_path, capsys):
+    paths, ckpt, _ = tiny
+    fixtures = benchmark_fixtures(tmp_path / "data")
+    common = ["--model", str(ckpt), "--tokenizer", str(paths["tokenizer"]), "--max-new-tokens", "4"]
+    for name, data in fixtures.items():
+        main([name, "--data", str(data), "--out", str(tmp_path / "eval" / name), *common])
+        summary = json.loads((tmp_path / "eval" / name / "summary.json").read_text())
+        lines = (tmp_path / "eval" / name / "predictions.jsonl").read_text().splitlines()
+        assert summary["benchmark"] == name and summary["metrics"]["n"] == 3 and len(lines) == 3
+    builtin_out = tmp_path / "eval" / "qa"
     main(
         [
             "qa",
-            "--model",
-            str(ckpt),
-            "--tokenizer",
-            str(paths["tokenizer"]),
             "--data",
             str(paths["qa_val"]),
             "--images",
             str(paths["images"]),
-            "--limit",
-            "3",
-            "--max-new-tokens",
-            "4",
             "--out",
-            str(out),
+            str(builtin_out),
+            *common,
         ]
     )
-    result = json.loads(out.read_text())
-    assert result["metrics"]["n"] == 3 and len(result["samples"]) == 3
+    capsys.readouterr()
+    main(["report", str(tmp_path / "eval"), "--paper"])
+    table = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in table[0].split("|")[2:10]]
+    assert header == ["Count", "Depth", "Relation", "Distance", "MMStar", "RWQA", "OK-VQA", "Avg"]
+    assert table[2].startswith(f"| {ckpt} |") and table[-1].startswith("| OLA-VLM (paper, Tab. 1) |")
+    cells = [c.strip() for c in table[2].split("|")[2:10]]
+    assert cells[3] == "–" and all(c != "–" for c in cells[:3] + cells[4:])  # no Distance question here
 
 
 def test_chat_streams_the_answer(tiny):
