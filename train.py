@@ -293,7 +293,10 @@ def latest_checkpoint(args, stage: str) -> Path | None:
     if not args.resume:
         return None
     found = sorted((args.out / stage).glob("step_*[0-9]"))
-    return found[-1] if found else None
+    if not found:
+        print(f"--resume: no checkpoint in {args.out / stage}; starting {stage} from scratch")
+        return None
+    return found[-1]
 
 
 def resume(run: Run, checkpoint: Path, args, rank: int) -> None:
@@ -338,7 +341,14 @@ def open_metrics(run: Run, resumed: bool):
     path = run.folder / "metrics.jsonl"
     kept = []
     if resumed and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):  # a kill tore the line being written
+                print(f"{path}:{n}: dropping an incomplete metrics line")
+                continue
+            if step <= run.step:
+                kept.append(line)
     metrics = open(path, "w")  # noqa: SIM115 (closed at the end of the stage)
     metrics.writelines(line + "\n" for line in kept)
     return metrics
@@ -377,10 +387,26 @@ def train_step(run: Run, batches, args, device: torch.device, world: int) -> tup
         for key, value in all_mean({"loss": out.loss, **out.terms}).items():
             terms_sum[key] = terms_sum.get(key, 0.0) + value / run.accum
         seen += len(batch["ids"]) * world
+    check_finite(run, terms_sum)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return terms_sum, seen
+
+
+def check_finite(run: Run, terms: dict[str, float]) -> None:
+    """Stop before an optimizer step that would write NaN / inf into the weights (and a checkpoint)."""
+    bad = [f"{key} = {value}" for key, value in terms.items() if not math.isfinite(value)]
+    params = [p for p in run.wrapped.parameters() if p.grad is not None]
+    if not bad and params:
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, does not clip
+        if not torch.isfinite(norm):
+            bad.append(f"gradient norm = {norm.item()}")
+    if bad:
+        raise FloatingPointError(
+            f"{run.stage} step {run.step + 1}: non-finite {', '.join(bad)}; stopped before the optimizer "
+            f"step, the last checkpoint in {run.folder} is intact (try a lower --lr)"
+        )
 
 
 def endless(loader: data.Loader):
@@ -450,6 +476,8 @@ def main(argv=None) -> None:
         for stage in args.stages:
             final = run_stage(args, stage, rank, world, device)
             args.init = str(final)  # the next stage starts where this one ended
+    except FloatingPointError as e:  # a diverged run: the message says which step and term
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

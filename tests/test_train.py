@@ -113,3 +113,12 @@ def test_two_rank_pt_with_a_task_subset_or_none(workdir, tasks):
     emb_terms = {k.split("@")[0] for k in record if "@" in k}
     assert emb_terms == ({"depth"} if tasks else set())
     assert ("emb" in record) == bool(tasks)
+
+
+def test_a_diverging_run_stops_before_writing_nan(workdir):
+    """--lr 1e9: the first non-finite loss stops the run, naming the step and the terms; no checkpoint."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--stage", "pt", "--lr", "1e9", "--out", "nan"]
+    p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "non-finite loss = nan" in p.stderr and "step 2" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (workdir / "nan" / "pt" / "final").exists()
