@@ -66,7 +66,9 @@ class ChatTokenizer:
             raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json)")
-        self.path, self.name, self.template = str(path), template, TEMPLATES[template]
+        self.path = str(path)
+        self.name = template
+        self.template = TEMPLATES[template]
         self.tok = Tokenizer.from_file(self.path)
         t = self.template
         for special in re.findall(r"<\|[^|]+\|>", t.system + t.user + t.assistant + t.sep + t.end_of_text):
@@ -75,7 +77,8 @@ class ChatTokenizer:
                     f"{self.path}: template {template!r} needs {special!r} as a single "
                     f"special token, but the tokenizer encodes it as {self.encode(special)}"
                 )
-        self.sep_id, self.pad_id = self.tok.token_to_id(t.sep), self.tok.token_to_id(t.end_of_text)
+        self.sep_id = self.tok.token_to_id(t.sep)
+        self.pad_id = self.tok.token_to_id(t.end_of_text)
         self.eos_ids = (self.sep_id, self.pad_id)
         self.bos_ids = self.tok.encode("").ids
         if self.tok.encode("a").ids != self.bos_ids + self.encode("a"):
@@ -132,14 +135,19 @@ class ChatTokenizer:
         if with_image:
             messages[0] = (IMAGE_TOKEN + "\n" + messages[0]).strip()
         t = self.template
-        text, spans = t.system + t.sep, []  # spans: character ranges of the answers + their sep
+        # spans: character ranges of the answers + their sep
+        text = t.system + t.sep
+        spans = []
         for k, message in enumerate(messages):
             if k % 2:
                 spans.append((len(text), len(text) + len(message + t.sep)))
                 text += message + t.sep
             else:
                 text += t.user + message + t.sep + t.assistant
-        ids, starts, pos = list(self.bos_ids), [-1] * len(self.bos_ids), 0  # starts: char offset per token
+        # starts: char offset per token
+        ids = list(self.bos_ids)
+        starts = [-1] * len(self.bos_ids)
+        pos = 0
         for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
             enc = self.tok.encode(chunk, add_special_tokens=False)
             ids += ([IMAGE_TOKEN_INDEX] if k else []) + enc.ids

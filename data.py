@@ -126,7 +126,8 @@ class LLaVADataset(Dataset):
         record = self.records[i]
         if not isinstance(record, dict) or "conversations" not in record:
             raise BadSample("no 'conversations'")
-        sid, file = str(record.get("id", i)), record.get("image")
+        sid = str(record.get("id", i))
+        file = record.get("image")
         if "image" in record and not isinstance(file, str):
             raise BadSample(f"'image' must be a path relative to {self.image_folder}, got {file!r:.60}")
         try:
@@ -139,7 +140,8 @@ class LLaVADataset(Dataset):
                 f"the image (token {ids.index(IMAGE_TOKEN_INDEX)}, {self.image_seq_len} "
                 f"positions) does not fit in max_length {self.max_length}"
             )
-        ids, labels = ids[:keep], labels[:keep]
+        ids = ids[:keep]
+        labels = labels[:keep]
         image = targets = None
         if file is not None:
             if self.image_folder is None:
@@ -232,8 +234,13 @@ class Loader:
         world_size: int = 1,
         num_workers: int = 0,
     ):
-        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
         self.epoch = self.batches_done = 0
 
     def __len__(self) -> int:
@@ -242,7 +249,8 @@ class Loader:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's index batches of `epoch`."""
-        n, g = len(self.dataset), self.batch_size * self.world_size
+        n = len(self.dataset)
+        g = self.batch_size * self.world_size
         order = (
             torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
             if self.shuffle
@@ -264,7 +272,8 @@ class Loader:
             ds.count_bad([x for s in samples for x in s["skipped"]], len(samples))
             yield collate(samples, ds.tokenizer.pad_id, ds.image_size)
         ds.count_bad([], 0, final=True)
-        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.epoch = self.epoch + 1
+        self.batches_done = 0
 
     def state_dict(self) -> dict:
         ds = self.dataset
@@ -277,6 +286,7 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
         ds = self.dataset
         ds.n_reads, ds.n_bad, ds.bad_samples = state["n_reads"], state["n_bad"], dict(state["bad_samples"])

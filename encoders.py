@@ -332,7 +332,9 @@ class DINOv2(nn.Module):
     def position_embeddings(self, h: int, w: int) -> torch.Tensor:
         """The table resized to an h×w patch grid, bicubic: offset > 0 as the original DINOv2 / DAv2 code
         (scale_factor (h + offset) / M), 0 as transformers 5 (size h×w); untouched at the native grid."""
-        pos, m, offset = self.pos_embed, self.grid, self.config.interpolate_offset
+        pos = self.pos_embed
+        m = self.grid
+        offset = self.config.interpolate_offset
         if h == w == m:
             return pos
         table = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, C, M, M)

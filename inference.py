@@ -92,7 +92,8 @@ def answer(
     rows = [torch.tensor(prompt_ids(tok, p, images is not None)) for p in prompts]
     ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id)  # (B, T) right-padded
     mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]  # (B, T)
-    device, dtype = model.projector[0].weight.device, model.projector[0].weight.dtype
+    device = model.projector[0].weight.device
+    dtype = model.projector[0].weight.dtype
     pixels = torch.stack(images).to(device, dtype) if images is not None else None
     out = model.generate(
         ids.to(device),
@@ -117,7 +118,8 @@ def chat(
     stream=sys.stdout,
 ) -> str:
     """Answer one prompt about one image (or none), printing the answer while it is generated."""
-    ids, shown = [], ""
+    ids = []
+    shown = ""
 
     def streamer(next_id: torch.Tensor) -> None:  # LLM.generate calls it with each new id (B=1,)
         nonlocal shown

@@ -128,7 +128,10 @@ class LLMConfig:
         eos = []
         for f in (path, path.parent / "generation_config.json"):
             e = json.loads(f.read_text()).get("eos_token_id") if f.exists() else None
-            eos += [] if e is None else [e] if isinstance(e, int) else list(e)
+            if isinstance(e, int):
+                eos.append(e)
+            elif e is not None:
+                eos += list(e)
         return cls(
             model_type=cfg["model_type"],
             vocab_size=cfg["vocab_size"],
@@ -168,7 +171,9 @@ def rope_frequencies(config: LLMConfig) -> torch.Tensor:
     s = config.rope_scaling
     # wavelengths above orig/low_freq_factor are divided by `factor`, below orig/high kept, blended between
     if s:
-        wavelen, lo, hi = 2 * math.pi / inv_freq, s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        lo = s["low_freq_factor"]
+        hi = s["high_freq_factor"]
         smooth = ((s["original_max_position_embeddings"] / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
     return inv_freq
@@ -206,7 +211,8 @@ class Attention(nn.Module):
 
     def __init__(self, c: LLMConfig):
         super().__init__()
-        self.head_dim, self.n_rep = c.head_dim, c.n_heads // c.n_kv_heads
+        self.head_dim = c.head_dim
+        self.n_rep = c.n_heads // c.n_kv_heads
         self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
@@ -248,8 +254,10 @@ class Block(nn.Module):
 
     def __init__(self, c: LLMConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(c.hidden_size, c.rms_norm_eps), Attention(c)
-        self.mlp_norm, self.mlp = RMSNorm(c.hidden_size, c.rms_norm_eps), MLP(c)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, mask, past=None):
         a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
@@ -355,7 +363,8 @@ class LLM(nn.Module):
         # reference's generate with left padding (RoPE is relative: the offset only changes rounding)
         cos, sin = rope_cos_sin(self.config, positions)
         attn_mask = attention_mask_4d(mask, T, self.config.sliding_window)  # (B, 1, T, S)
-        hidden, new_kv = [x], []
+        hidden = [x]
+        new_kv = []
         for i, block in enumerate(self.layers):
             past = kv_cache.layers[i] if kv_cache is not None else None
             if self.gradient_checkpointing and self.training:
