@@ -27,6 +27,7 @@ class ChatTemplate:
     assistant: str
     sep: str  # end-of-turn token, a label target after every answer
     end_of_text: str  # the tokenizer's end-of-text token: second stop id, and the pad id
+    bos: str | None = None  # a conversation starts with exactly this token, whatever the post-processor adds
 
 
 TEMPLATES = {
@@ -40,6 +41,7 @@ TEMPLATES = {
         assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
         sep="<|eot_id|>",
         end_of_text="<|end_of_text|>",
+        bos="<|begin_of_text|>",
     ),
     "phi3": ChatTemplate(
         system="<|system|>\nYou are a helpful AI assistant.",
@@ -71,7 +73,8 @@ class ChatTokenizer:
         self.template = TEMPLATES[template]
         self.tok = Tokenizer.from_file(self.path)
         t = self.template
-        for special in re.findall(r"<\|[^|]+\|>", t.system + t.user + t.assistant + t.sep + t.end_of_text):
+        specials_text = t.system + t.user + t.assistant + t.sep + t.end_of_text + (t.bos or "")
+        for special in re.findall(r"<\|[^|]+\|>", specials_text):
             if self.encode(special) != [self.tok.token_to_id(special)]:
                 raise ValueError(
                     f"{self.path}: template {template!r} needs {special!r} as a single "
@@ -80,12 +83,15 @@ class ChatTokenizer:
         self.sep_id = self.tok.token_to_id(t.sep)
         self.pad_id = self.tok.token_to_id(t.end_of_text)
         self.eos_ids = (self.sep_id, self.pad_id)
-        self.bos_ids = self.tok.encode("").ids
-        if self.tok.encode("a").ids != self.bos_ids + self.encode("a"):
+        added = self.tok.encode("").ids  # what the post-processor prepends
+        if self.tok.encode("a").ids != added + self.encode("a"):
             raise ValueError(
                 f"{self.path}: the post-processor must only prepend tokens (a BOS), "
                 f"got {self.tok.encode('a').tokens} for 'a'"
             )
+        # Llama-3: the April-2024 tokenizer.json prepends no <|begin_of_text|>, later revisions do; the model
+        # expects exactly one either way
+        self.bos_ids = [self.tok.token_to_id(t.bos)] if t.bos else added
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
