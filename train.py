@@ -146,10 +146,14 @@ def build_model(
     """A fresh OLA-VLM from base weights (or tiny random ones), or the --init / previous-stage checkpoint.
     `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
     dims = teachers.dims if teachers is not None else None
-    if args.init:
-        model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=False)
-        if dims:  # PT from an OLA checkpoint: add fresh predictors
-            model = OLAVLM(model.cfg, model.llm.to(dtype), model.vision, dims, model.sources).to(device)
+    if args.init:  # the checkpoint's projector and special tokens are kept (and its predictors, in PT)
+        model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=bool(dims))
+        model.llm.to(dtype)
+        if dims and model.predictors is None:  # PT from a checkpoint without predictors: fresh ones
+            fresh = OLAVLM(model.cfg, model.llm, model.vision, dims, model.sources).to(device)
+            fresh.projector = model.projector
+            fresh.tokens = model.tokens
+            model = fresh
         return model
     cfg = OLAConfig(tasks=args.tasks)
     if args.preset == "tiny":
@@ -234,7 +238,7 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     cuda = device.type == "cuda"
     frozen = torch.bfloat16 if cuda else torch.float32  # frozen weights are bf16 on GPUs (docs/design.md §6)
     hp = {**STAGES[stage], **(TINY[stage] if args.preset == "tiny" else {})}
-    lr = args.lr or hp["lr"]
+    lr = hp["lr"] if args.lr is None else args.lr
     batch_size = args.batch_size or hp["batch_size"]
     builtin = (
         shapes.builtin_dataset(BUILTIN) if args.data is None else None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -122,3 +123,18 @@ def test_a_diverging_run_stops_before_writing_nan(workdir):
     assert p.returncode != 0 and "non-finite loss = nan" in p.stderr and "step 2" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (workdir / "nan" / "pt" / "final").exists()
+
+
+def test_pt_init_keeps_the_checkpoints_projector_and_tokens(workdir):
+    """PT --init from an IFT checkpoint (no predictors): the projector and special tokens come from the
+    checkpoint, bit-identical (lr 0 keeps them), and fresh predictors are added."""
+    from safetensors.torch import load_file
+
+    run(["--stage", "pt,ift", "--max-steps", "1", "--out", "base"], workdir)
+    init = workdir / "base" / "ift" / "final"
+    run(["--stage", "pt", "--max-steps", "1", "--lr", "0", "--init", str(init), "--out", "again"], workdir)
+    before = load_file(init / "model.safetensors")
+    after = load_file(workdir / "again" / "pt" / "final" / "model.safetensors")
+    kept = [k for k in before if k.startswith(("projector.", "tokens."))]
+    assert len(kept) == 7 and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(k.startswith("predictors.") for k in after)
