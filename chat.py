@@ -28,6 +28,7 @@ class ChatTemplate:
     sep: str  # end-of-turn token, a label target after every answer
     end_of_text: str  # the tokenizer's end-of-text token: second stop id, and the pad id
     bos: str | None = None  # a conversation starts with exactly this token, whatever the post-processor adds
+    labelled_header: str = ""  # the end of `assistant` labelled with each answer (docs/design.md §5)
 
 
 TEMPLATES = {
@@ -42,6 +43,7 @@ TEMPLATES = {
         sep="<|eot_id|>",
         end_of_text="<|end_of_text|>",
         bos="<|begin_of_text|>",
+        labelled_header="\n\n",  # the released preprocess_llama_3 leaves the header's last token unmasked
     ),
     "phi3": ChatTemplate(
         system="<|system|>\nYou are a helpful AI assistant.",
@@ -71,7 +73,10 @@ class ChatTokenizer:
         self.path = str(path)
         self.name = template
         self.template = TEMPLATES[template]
-        self.tok = Tokenizer.from_file(self.path)
+        try:
+            self.tok = Tokenizer.from_file(self.path)
+        except Exception as e:  # the tokenizers library raises its own error type for a malformed file
+            raise ValueError(f"{self.path}: not a readable tokenizer.json ({e})") from None
         t = self.template
         specials_text = t.system + t.user + t.assistant + t.sep + t.end_of_text + (t.bos or "")
         for special in re.findall(r"<\|[^|]+\|>", specials_text):
@@ -103,7 +108,8 @@ class ChatTokenizer:
 
     @property
     def n_prefix_tokens(self) -> int:
-        """Tokens before the image placeholder: OLA-VLM's NUM_SYS_TOKENS (38 Llama-3, 13 Phi-3)."""
+        """Tokens before the image placeholder: 38 for Llama-3 (the released NUM_SYS_TOKENS), 11 for Phi-3's
+        tokenizer.json (the released code's slow tokenizer: 13; docs/design.md §5)."""
         return self.encode_conversation([{"from": "human", "value": "x"}], with_image=True)[0].index(
             IMAGE_TOKEN_INDEX
         )
@@ -116,8 +122,8 @@ class ChatTokenizer:
         With an image, `<image>` is moved (or inserted) to the front of the first user turn (docs/design.md
         §5); input_ids follow LLaVA's `tokenizer_image_token`: chunks between `<image>`s are encoded
         separately, joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts
-        inside an answer + sep (character offsets), and each answer's labels must decode to exactly
-        that text, else LabelMismatchError. A trailing human turn ends with the assistant header.
+        inside labelled_header + answer + sep (character offsets), and each answer's labels must decode to
+        exactly that text, else LabelMismatchError. A trailing human turn ends with the assistant header.
         """
         if not isinstance(conversations, list) or not conversations:
             raise ValueError(f"'conversations' must be a non-empty list, got {conversations!r:.60}")
@@ -141,12 +147,12 @@ class ChatTokenizer:
         if with_image:
             messages[0] = (IMAGE_TOKEN + "\n" + messages[0]).strip()
         t = self.template
-        # spans: character ranges of the answers + their sep
+        # spans: character ranges of the answers + their sep (and the labelled end of the header before them)
         text = t.system + t.sep
         spans = []
         for k, message in enumerate(messages):
             if k % 2:
-                spans.append((len(text), len(text) + len(message + t.sep)))
+                spans.append((len(text) - len(t.labelled_header), len(text) + len(message + t.sep)))
                 text += message + t.sep
             else:
                 text += t.user + message + t.sep + t.assistant

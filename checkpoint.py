@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -73,11 +74,23 @@ def _read_safetensors(file: Path, wanted: Callable[[str], bool]) -> dict[str, to
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _read_pickle(file: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+def load_tensors_only(file: Path) -> object:
+    """torch.load restricted to tensors and plain containers (weights_only=True): a pickle that asks for
+    code is refused, never run; a truncated or hostile file is an error naming it."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, or a pickle that asks for code: never executed
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message: the refused global, among generic advice
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = refused[0] if refused else str(e).splitlines()[0]
+        raise ValueError(
+            f"{file}: refused, it holds more than tensors and plain containers ({reason})"
+        ) from None
+    except Exception as e:  # a truncated or garbage file: RuntimeError, EOFError, ...
         raise ValueError(f"{file}: cannot be read as a tensors-only checkpoint ({e})") from None
+
+
+def _read_pickle(file: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    state = load_tensors_only(file)
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -170,6 +183,32 @@ def load_with_table(
     ours_of = {theirs: k for k, theirs in names.items()}
     state = {ours_of.get(k, k): v for k, v in read_state_dict(path, keep).items()}
     return load_strict(module, state, path, names).to(dtype).eval()
+
+
+def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write `folder` atomically: `write(tmp)` fills a temporary sibling, which then replaces `folder` in one
+    rename. If writing fails (a full disk), the temporary folder is removed and an existing `folder` is left
+    as it was; the error names the folder."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write {folder}: {e.strerror or e}; nothing there was replaced") from None
+    replace_folder(tmp, folder)
+
+
+def last_complete(stage: Path) -> Path:
+    """The newest complete model of a training stage folder: final/, else (a kill while final/ was being
+    replaced) final.old/, else the newest step_*/model/ (each is written by write_folder: never half)."""
+    candidates = [stage / "final", stage / "final.old"]
+    candidates += [step / "model" for step in sorted(stage.glob("step_*[0-9]"), reverse=True)]
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"no complete checkpoint in {stage} (expected final/ or step_*/model/)")
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:

@@ -43,10 +43,19 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        shape = (*x.shape[:-1], self.n_heads, -1)  # (..., T, heads, d)
-        q, k, v = (proj(x).view(shape).transpose(-2, -3) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (..., heads, T, d)
-        return self.o(out.transpose(-2, -3).flatten(-2))
+        """x (..., T, C); bias broadcastable to (..., heads, T, T). Leading axes are folded into one batch
+        axis: SDPA's fused kernels take 4-D inputs only (5-D Swin windows would fall back to plain math)."""
+        *lead, T, C = x.shape
+        x = x.reshape(-1, T, C)  # (N, T, C)
+        q, k, v = (
+            proj(x).view(len(x), T, self.n_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v)
+        )
+        if bias is not None and bias.dim() > 3:  # (..., heads, T, T) -> (N, heads, T, T)
+            bias = bias.expand(*lead, *bias.shape[-3:]).reshape(-1, *bias.shape[-3:])
+        elif bias is not None:  # (heads, T, T) -> (1, heads, T, T): a 3-D mask would also fall back to math
+            bias = bias[None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (N, heads, T, d)
+        return self.o(out.transpose(1, 2).reshape(*lead, T, C))
 
 
 class ViTBlock(nn.Module):
@@ -121,8 +130,12 @@ class CLIPVisionConfig:
     def from_json(cls, cfg: dict, select_layer: int = -2) -> CLIPVisionConfig:
         """From a full CLIPModel config.json (vision_config nested) or a vision-only one (HF defaults)."""
         vision = cfg.get("vision_config", cfg)
-        if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-            raise ValueError(f"model_type {vision['model_type']!r} is not a CLIP vision config")
+        for part in (cfg, vision):  # a SigLIP / EVA config nests a vision_config too
+            if part.get("model_type", "clip") not in ("clip_vision_model", "clip"):
+                raise ValueError(
+                    f"config model_type {part['model_type']!r} is not CLIP: expected 'clip' or "
+                    f"'clip_vision_model' (use --vision-type convnext for open_clip ConvNeXt)"
+                )
         act = vision.get("hidden_act", "quick_gelu")
         if act not in ACTIVATIONS:
             raise ValueError(f"CLIP hidden_act {act!r} unsupported: expected one of {list(ACTIVATIONS)}")

@@ -20,10 +20,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import data
 import shapes
 from benchmarks import BENCHMARKS, Benchmark, open_image, report_table
 from chat import ChatTokenizer
-from inference import BUILTIN, DEFAULT_RUN, answer, chat, device_and_dtype, load_model
+from checkpoint import last_complete
+from cli import user_errors
+from inference import BUILTIN, DEFAULT_RUN, answer, chat, device_and_dtype, image_inputs, load_model
 from ola import OLAVLM
 from preprocess import square_view
 from scoring import normalize_answer, parse_choice, vqa_accuracy
@@ -49,8 +52,17 @@ def run_benchmark(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         # the inference view: the image padded to a square (docs/design.md §2)
-        images = [model.vision.preprocess(square_view(open_image(row), "pad")) for row in chunk]
-        outputs = answer(model, tok, [row["prompt"] for row in chunk], images, max_new_tokens)
+        squares = [square_view(open_image(row), "pad") for row in chunk]
+        maps = None  # the concat baselines' tiny teachers read the built-in world's true maps (§9)
+        if model.teachers is not None:
+            maps = [
+                data.maps_beside(row["image"], "pad") if isinstance(row["image"], str) else None
+                for row in chunk
+            ]
+        images, fed = image_inputs(model, squares, maps)
+        outputs = answer(
+            model, tok, [row["prompt"] for row in chunk], images, max_new_tokens, teacher_images=fed
+        )
         records += [benchmark.score(row, output) for row, output in zip(chunk, outputs, strict=True)]
         bar.update(len(chunk))
     bar.close()
@@ -138,7 +150,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.command == "report":
         return args
-    args.model = Path(args.model or Path(args.run) / ("pt" if args.command == "show" else "ift") / "final")
+    if args.model is None:  # the stage's final/, or its newest complete checkpoint after a kill
+        try:
+            args.model = last_complete(Path(args.run) / ("pt" if args.command == "show" else "ift"))
+        except FileNotFoundError as e:
+            p.error(f"{e}: pass --model or --run")
+    args.model = Path(args.model)
     if args.command == "show":
         args.teachers = teacher_paths(args, p.error)
         args.out = Path(args.out or args.model.parent / "predictions.png")
@@ -184,4 +201,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # bad input, a diverged run, a full disk: one line, no traceback
+        main()

@@ -34,8 +34,9 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[OLAVLM, ChatTokenizer]:
-    """An OLA checkpoint (train.py's `final`) in eval mode and its chat tokenizer. Checkpoints do not record
-    their tokenizer: default = the LLM source folder's tokenizer.json, or the built-in one for a tiny LLM."""
+    """An OLA checkpoint (train.py's `final`) or a released OLA-VLM folder (docs/design.md §12) in eval mode,
+    and its chat tokenizer: `tokenizer`, else the folder's own tokenizer.json (released folders ship one),
+    else the LLM source folder's, else the built-in one for a tiny LLM."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -44,14 +45,19 @@ def load_model(
         )
     model = OLAVLM.from_checkpoint(folder, dtype=dtype, device=device, with_predictors=with_predictors).eval()
     llm_folder = model.sources.get("llm")
-    path = Path(
-        tokenizer
-        or (
-            Path(llm_folder) / "tokenizer.json"
-            if llm_folder
-            else shapes.builtin_dataset(BUILTIN)["tokenizer"]
+    if tokenizer:
+        path = Path(tokenizer)
+    elif (folder / "tokenizer.json").is_file():
+        path = folder / "tokenizer.json"
+    elif llm_folder:
+        path = Path(llm_folder) / "tokenizer.json"
+    elif getattr(model, "released", None) is not None:
+        raise FileNotFoundError(
+            f"{folder}: a released checkpoint without tokenizer.json: pass --tokenizer (the tokenizer.json "
+            f"of its LLM, e.g. Phi-3-mini-4k-instruct's)"
         )
-    )
+    else:
+        path = Path(shapes.builtin_dataset(BUILTIN)["tokenizer"])
     tok = ChatTokenizer(path, "phi3" if model.llm.config.model_type == "phi3" else "llama3")
     if tok.vocab_size > model.llm.config.vocab_size:
         raise ValueError(
@@ -76,6 +82,19 @@ def image_pixels(path: str | Path, tower, view: str = "pad") -> tuple[Image.Imag
     return square, tower.preprocess(square)
 
 
+def image_inputs(
+    model: OLAVLM, squares: list[Image.Image], maps: list[dict | None] | None = None
+) -> tuple[list[torch.Tensor], list[dict] | None]:
+    """The base encoder's pixels of each square view, and the teachers' pixels of the multi-encoder
+    baselines that take their features as input (Tab. 1; None for OLA-VLM and LLaVA-1.5). `maps`: the true
+    maps of each view, for the built-in world's tiny teachers (data.maps_beside; docs/design.md §9)."""
+    images = [model.vision.preprocess(square) for square in squares]
+    if model.teachers is None:
+        return images, None
+    maps = maps or [None] * len(squares)
+    return images, [model.teachers.preprocess(square, m) for square, m in zip(squares, maps)]
+
+
 # ----------------------------------------------------------------------------- answers
 @torch.no_grad()
 def answer(
@@ -86,19 +105,28 @@ def answer(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     streamer=None,
+    teacher_images: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Answers to a batch of prompts (one image each, or none), greedy by default. OLAVLM.generate
-    left-pads the spliced sequences, so the batch can mix prompt lengths."""
+    left-pads the spliced sequences, so the batch can mix prompt lengths. `teacher_images`: image_inputs'
+    teachers' pixels, for the baselines that take them."""
     rows = [torch.tensor(prompt_ids(tok, p, images is not None)) for p in prompts]
     ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id)  # (B, T) right-padded
     mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]  # (B, T)
     device = model.projector[0].weight.device
     dtype = model.projector[0].weight.dtype
     pixels = torch.stack(images).to(device, dtype) if images is not None else None
+    fed = None
+    if teacher_images is not None:
+        fed = {
+            task: torch.stack([t[task] for t in teacher_images]).to(device, dtype)
+            for task in teacher_images[0]
+        }
     out = model.generate(
         ids.to(device),
         mask.to(device),
         images=pixels,
+        teacher_images=fed,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         eos_token_ids=tok.eos_ids,
@@ -132,7 +160,9 @@ def chat(
             stream.flush()
             shown = text
 
-    images = [image_pixels(image, model.vision)[1]] if image else None
-    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, streamer)[0]
+    images = fed = None
+    if image:
+        images, fed = image_inputs(model, [image_pixels(image, model.vision)[0]])
+    text = answer(model, tok, [prompt], images, max_new_tokens, temperature, streamer, fed)[0]
     stream.write("\n")
     return text

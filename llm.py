@@ -1,14 +1,14 @@
 """The decoder LLM of OLA-VLM: Llama-3-8B(-Instruct) or Phi-3-mini-4k (Sec. 5.1). One `Block` class serves
 both; Phi-3 differs only in its checkpoint layout (fused `qkv_proj` / `gate_up_proj`, split by
 `LLM.from_pretrained`) and its sliding window. Numerics follow docs/design.md §8: RMSNorm in fp32,
-rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP, a KV cache for `generate`."""
+rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP; decoding (the static KV cache,
+`generate`, `sample`) lives in generate.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import load_strict, read_state_dict
+from generate import KVCache, generate, sample
+
+__all__ = ["LLM", "LLMConfig", "KVCache", "sample"]
 
 
 # ------------------------------------------------------------------------------------ config
@@ -206,6 +209,19 @@ def attention_mask_4d(mask: torch.Tensor, n_new: int, window: int | None) -> tor
     return allowed | (k == q)
 
 
+def attention_plan(mask: torch.Tensor, n_new: int, window: int | None) -> torch.Tensor | None:
+    """The attention mask to materialise, or None where plain causal attention is exact (docs/design.md §8):
+    no cache and right padding (training: real queries only see real keys; pad rows are never read), or one
+    new token and no padding (decoding). A sliding window only matters beyond `window` tokens."""
+    S = mask.shape[1]
+    if window is None or window >= S:
+        if n_new == S and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            return None
+        if n_new == 1 and bool(mask.all()):
+            return None
+    return attention_mask_4d(mask, n_new, window)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: n_kv_heads key/value heads shared by n_heads query heads."""
 
@@ -218,22 +234,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, index: int = 0):
+        """mask (B, 1, T, S) bool, or None: causal (T > 1) / every key (T = 1), see `attention_plan`."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:  # KV cache: (B, KV, S_past, D)
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        # each KV head serves n_rep consecutive query heads (the reference's repeat_kv); explicit rather than
-        # SDPA's enable_gqa, which not every masked GPU kernel supports (it would fall back to math)
-        kr, vr = (
-            k.repeat_interleave(self.n_rep, dim=1),
-            v.repeat_interleave(self.n_rep, dim=1),
-        )  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        if cache is not None:  # every key / value so far: (B, KV, S, D)
+            k, v = cache.write(index, k, v)
+        # each KV head serves n_rep consecutive query heads (the reference's repeat_kv)
+        if T == 1 and self.n_rep > 1:  # decoding: a KV head's n_rep queries as one query axis, no KV copy
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, -1, self.n_rep, self.head_dim), k, v, attn_mask=mask
+            )
+        elif mask is None or x.device.type == "cpu":  # SDPA's enable_gqa: no copy where the kernel takes it
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        else:  # masked GPU kernels would fall back to math with enable_gqa: copy the KV heads
+            kr, vr = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+            y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # (B, H, T, D)
+        return self.o_proj(y.reshape(B, -1, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -259,28 +280,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, past=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kv
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits (B, V) -> ids (B,): argmax, or sampling from the smallest top-p nucleus at `temperature`."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs, ids = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # the top token always survives
-    return ids.gather(-1, torch.multinomial(probs, 1))[:, 0]
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, index: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, index)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 # ------------------------------------------------------------------------------------ model
-@dataclass
-class KVCache:
-    mask: torch.Tensor  # (B, S) True = real token, every token seen so far
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, n_kv_heads, S, head_dim)
-
-
 @dataclass
 class LLMOutput:
     logits: torch.Tensor  # (B, T, V), or (N, V) with a logits_mask
@@ -347,7 +352,8 @@ class LLM(nn.Module):
         use_cache: bool = False,
     ) -> LLMOutput:
         """attention_mask (B, T) True/1 = real token, for the T new tokens only (the cache keeps the
-        past). hidden_states: [0] embeddings, [k] output of block k, [-1] after the final norm."""
+        past). hidden_states: [0] embeddings, [k] output of block k, [-1] after the final norm.
+        `kv_cache` is extended in place (use_cache without one starts a cache holding these T tokens)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
@@ -357,22 +363,23 @@ class LLM(nn.Module):
             if attention_mask is None
             else attention_mask.bool()
         )
+        if use_cache and kv_cache is None:
+            kv_cache = KVCache.empty(B, T, x.device)
         if kv_cache is not None:
-            mask = torch.cat((kv_cache.mask, mask), dim=1)  # (B, S)
+            mask = kv_cache.append_mask(mask)  # (B, S): cached + new
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # real tokens count 0, 1, ... like the
         # reference's generate with left padding (RoPE is relative: the offset only changes rounding)
         cos, sin = rope_cos_sin(self.config, positions)
-        attn_mask = attention_mask_4d(mask, T, self.config.sliding_window)  # (B, 1, T, S)
+        attn_mask = attention_plan(mask, T, self.config.sliding_window)  # (B, 1, T, S) or None: causal
         hidden = [x]
-        new_kv = []
         for i, block in enumerate(self.layers):
-            past = kv_cache.layers[i] if kv_cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x, kv = checkpoint(block, x, cos, sin, attn_mask, past, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attn_mask, kv_cache, i, use_reentrant=False)
             else:
-                x, kv = block(x, cos, sin, attn_mask, past)
+                x = block(x, cos, sin, attn_mask, kv_cache, i)
             hidden += [x] if output_hidden_states else []
-            new_kv += [kv] if use_cache else []
+        if kv_cache is not None:
+            kv_cache.length += T
         x = self.norm(x)
         if output_hidden_states:
             hidden[-1] = x  # reference convention: the last entry is normed
@@ -382,53 +389,10 @@ class LLM(nn.Module):
         return LLMOutput(
             F.linear(x, head),
             tuple(hidden) if output_hidden_states else None,
-            KVCache(mask, new_kv) if use_cache else None,
+            kv_cache if use_cache else None,
         )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        eos_token_ids: tuple[int, ...] | None = None,
-        streamer: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Prefill the (left-padded) prompts, then decode one token per step with the KV cache.
-        Greedy when temperature == 0, else temperature + top-p sampling. Returns (B, n_new) ids;
-        rows that hit EOS early are filled with the pad id; stops when every row has hit EOS."""
-        x = input_ids if inputs_embeds is None else inputs_embeds
-        B, device = x.shape[0], x.device
-        if attention_mask is not None and not attention_mask[:, -1].bool().all():
-            raise ValueError("generate needs left padding: attention_mask[:, -1] must be all True")
-        eos_token_ids = self.config.eos_token_ids if eos_token_ids is None else eos_token_ids
-        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-        pad = (
-            self.config.pad_token_id
-            if self.config.pad_token_id is not None
-            else int(eos[0])
-            if len(eos)
-            else 0
-        )
-        last = (torch.arange(x.shape[1], device=device) == x.shape[1] - 1).expand(
-            B, -1
-        )  # (B, T) logits there
-        out = self(input_ids, inputs_embeds, attention_mask, logits_mask=last, use_cache=True)  # prefill
-        logits, done, tokens = out.logits, torch.zeros(B, dtype=torch.bool, device=device), []  # (B, V)
-        for _ in range(max_new_tokens):
-            next_id = sample(logits, temperature, top_p).masked_fill(done, pad)  # (B,)
-            tokens.append(next_id)
-            if streamer is not None:
-                streamer(next_id)
-            done |= torch.isin(next_id, eos)
-            if done.all():
-                break
-            out = self(next_id[:, None], kv_cache=out.kv_cache, use_cache=True)
-            logits = out.logits[:, -1]
-        return torch.stack(tokens, 1) if tokens else torch.empty(B, 0, dtype=torch.long, device=device)
+    generate = generate  # greedy / top-p decoding with a static KV cache (generate.py), self = the model
 
     @classmethod
     def from_pretrained(

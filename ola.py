@@ -10,8 +10,8 @@ With no tasks and N_seek = 0 the same class is exactly LLaVA-1.5, the baseline o
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,15 +20,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from checkpoint import load_strict, read_json, read_state_dict, replace_folder
+from checkpoint import load_strict, read_json, read_state_dict, write_folder
+from concat import TeacherInputs, mlp2x_gelu
 from encoders import VISION_TOWERS
 from llm import LLM, LLMConfig
 from losses import ntp_loss
 from predictors import KEY_INPUTS, EmbeddingPredictors, SeekTokens
-from tasks import IMAGE, PAD, PAPER_TOKEN_ORDER, SYS, TASKS, TEXT, check_tasks
+from tasks import IMAGE, PAD, PAPER_TOKEN_ORDER, SYS, TASKS, TEXT, check_tasks, load_teachers, tiny_teachers
+from teachers import TargetEncoders
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids, replaced by the image + special tokens
 IGNORE_INDEX = -100  # labels of positions without a next-token loss
+MODES = ("ola", "feat-concat", "token-concat")  # distil the teachers, or feed their features (Tab. 1)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class OLAConfig:
     """OLA-VLM hyper-parameters with the paper's defaults (Sec. 4-5, Tab. 3-5, App. Tab. I-V)."""
 
     tasks: tuple[str, ...] = ("depth", "seg", "gen")  # distilled teachers (App. Tab. II); () = LLaVA-1.5
+    mode: str = "ola"  # or a multi-encoder baseline: the tasks' teachers are inputs (Tab. 1; concat.py)
     layer_sets: dict[str, tuple[int, ...]] = field(
         default_factory=dict
     )  # task -> layers (32-layer LLM); Tab. 3
@@ -65,6 +69,14 @@ class OLAConfig:
             raise ValueError(f"layer_sets / task_weights name unknown task(s) {sorted(extra - set(TASKS))}")
         if self.key_input not in KEY_INPUTS:
             raise ValueError(f"key_input {self.key_input!r}: expected one of {list(KEY_INPUTS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {list(MODES)}")
+        if self.mode != "ola" and not self.tasks:
+            raise ValueError(f"mode {self.mode} feeds the teachers of the tasks as input: it needs tasks")
+        if self.mode == "token-concat" and not self.num_seek_tokens:
+            raise ValueError(
+                "token-concat places each teacher's features on N_seek tokens: num_seek_tokens > 0"
+            )
         if self.num_seek_tokens < 0:
             raise ValueError(f"num_seek_tokens must be >= 0, got {self.num_seek_tokens}")
 
@@ -107,23 +119,32 @@ class OLAVLM(nn.Module):
         vision: nn.Module,
         target_dims: dict[str, int] | None = None,
         sources: dict[str, str | None] | None = None,
+        teachers: TargetEncoders | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.sources = dict(sources or {"llm": None, "vision": None})
         H = llm.config.hidden_size
         self.num_image_tokens = vision.num_tokens  # 576 for both base encoders
-        n_special = len(cfg.tasks) * cfg.num_seek_tokens
-        self.image_seq_len = self.num_image_tokens + n_special  # positions one <image> becomes
+        self.teachers = self.inputs = None  # the multi-encoder baselines' input teachers (Tab. 1; concat.py)
+        if cfg.mode != "ola":
+            if teachers is None or set(teachers.dims) != set(cfg.tasks):
+                raise ValueError(f"mode {cfg.mode} needs the teachers of {list(cfg.tasks)} as its input")
+            self.teachers = teachers.requires_grad_(False)
+            self.inputs = TeacherInputs(cfg.mode, cfg.token_order, teachers.dims, H, cfg.num_seek_tokens)
+        n_special = len(cfg.tasks) * cfg.num_seek_tokens if cfg.mode == "ola" else 0
+        extra = self.inputs.n_positions if self.inputs else 0
+        self.image_seq_len = self.num_image_tokens + n_special + extra  # positions one <image> becomes
         self.vision = vision.requires_grad_(False)
         self.llm = llm
-        self.projector = nn.Sequential(nn.Linear(vision.width, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
+        width = vision.width + (self.inputs.extra_width if self.inputs else 0)
+        self.projector = mlp2x_gelu(width, H)  # (Sec. 5.1)
         self.tokens = None
         if n_special:
             self.tokens = SeekTokens(cfg.tasks, self.num_image_tokens, H, cfg.num_seek_tokens)
         self.target_dims = None
         self.predictors = None
-        if target_dims and cfg.tasks:
+        if target_dims and cfg.tasks and cfg.mode == "ola":
             self.target_dims = {task: target_dims[task] for task in cfg.tasks}
             self.predictors = EmbeddingPredictors(
                 cfg,
@@ -135,24 +156,39 @@ class OLAVLM(nn.Module):
             )
 
     # ------------------------------------------------------------------ sequence assembly
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, 576, H): frozen base-encoder features, then the projector."""
+    def encode_images(
+        self, images: torch.Tensor, teacher_images: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, 576 + k, H): the frozen base encoder's features through the projector, then
+        the k inserted tokens: the <t> blocks (OLA-VLM), or the teachers' tokens (token-concat; Tab. 1)."""
+        dtype = self.projector[0].weight.dtype
         with torch.no_grad():
-            feats = self.vision.features(images)  # (N, 576, 1024 | 3072)
-        return self.projector(feats.to(self.projector[0].weight.dtype))
+            feats = self.vision.features(images).to(dtype)  # (n, 576, 1024 | 3072)
+        extra = None
+        if self.inputs is not None:
+            if teacher_images is None:
+                raise ValueError(f"mode {self.cfg.mode} feeds the teachers' features: pass teacher_images")
+            extra = self.inputs.features(self.teachers, teacher_images)  # {task: (n, 576 or 1, C)}
+        if self.cfg.mode == "feat-concat":
+            feats = self.inputs.concat(feats, extra)  # (n, 576, 1024 + 4608 - 1024)
+        img = self.projector(feats)  # (n, 576, H)
+        if self.cfg.mode == "token-concat":
+            return torch.cat([img, self.inputs.tokens(extra, dtype)], dim=1)  # (n, 576 + 24, H)
+        special = self.special_tokens(dtype, img.device)  # (24, H) or (0, H)
+        return torch.cat([img, special.expand(len(img), -1, -1)], dim=1)
 
-    def special_tokens(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The <t> blocks in token order and their segment ids: (n·N_seek, H), (n·N_seek,) for n tasks"""
+    def inserted_segments(self, device: torch.device) -> torch.Tensor:
+        """The segment ids of the positions one <image> becomes: IMAGE × 576, then the tasks' ids."""
+        n = self.cfg.num_seek_tokens if self.image_seq_len > self.num_image_tokens else 0
+        tasks = torch.tensor([TASKS[task].segment for task in self.cfg.token_order], device=device)
+        image = torch.full((self.num_image_tokens,), IMAGE, device=device)
+        return torch.cat([image, tasks.repeat_interleave(n)])
+
+    def special_tokens(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The <t> blocks in token order: (n·N_seek, H) for n tasks, (0, H) without special tokens."""
         if self.tokens is None:
-            hidden = self.llm.config.hidden_size
-            return torch.zeros(0, hidden, dtype=dtype, device=device), torch.zeros(
-                0, dtype=torch.long, device=device
-            )
-        order = self.cfg.token_order
-        embeds = torch.cat([self.tokens(task) for task in order]).to(dtype)
-        n = self.cfg.num_seek_tokens
-        segments = torch.cat([torch.full((n,), TASKS[task].segment, device=device) for task in order])
-        return embeds, segments
+            return torch.zeros(0, self.llm.config.hidden_size, dtype=dtype, device=device)
+        return torch.cat([self.tokens(task) for task in self.cfg.token_order]).to(dtype)
 
     def splice(
         self,
@@ -161,6 +197,7 @@ class OLAVLM(nn.Module):
         labels: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         left_pad: bool = False,
+        teacher_images: dict[str, torch.Tensor] | None = None,
     ):
         """Replace each IMAGE_TOKEN_INDEX by the image tokens + the <t> blocks (Sec. 4.1). Returns
         inputs_embeds (B, T', H), attention mask, labels (-100 on inserted tokens) and `segments` (B, T'):
@@ -169,8 +206,8 @@ class OLAVLM(nn.Module):
         text = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, H)
         feats = None
         if images is not None and len(images):
-            feats = self.encode_images(images)
-        special, special_segments = self.special_tokens(text.dtype, device)  # (24, H), (24,)
+            feats = self.encode_images(images, teacher_images)  # (n, 576 + 24, H)
+        inserted_segments = self.inserted_segments(device)  # (576 + 24,)
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         rows = []
@@ -184,13 +221,11 @@ class OLAVLM(nn.Module):
                 raise ValueError(f"sample {b} has {len(where)} images; OLA-VLM takes at most one")
             if where:
                 p = where[0]
-                img = feats[n_used].to(text.dtype)
+                inserted = feats[n_used].to(text.dtype)  # (576 + 24, H)
                 n_used += 1
-                inserted = torch.cat([img, special])  # (576 + 24, H)
-                image_segments = torch.full((len(img),), IMAGE, device=device)
                 sys = torch.full((p,), SYS, device=device)
                 emb = torch.cat([emb[:p], inserted, emb[p + 1 :]])
-                seg = torch.cat([sys, image_segments, special_segments, seg[p + 1 :]])
+                seg = torch.cat([sys, inserted_segments, seg[p + 1 :]])
                 no_loss = torch.full((len(inserted),), IGNORE_INDEX, device=device)
                 lab = torch.cat([lab[:p], no_loss, lab[p + 1 :]])
             rows.append((emb, seg, lab))
@@ -227,10 +262,13 @@ class OLAVLM(nn.Module):
         has_image: torch.Tensor | None = None,
         targets: dict[str, torch.Tensor] | None = None,
         output_hidden_states: bool = False,
+        teacher_images: dict[str, torch.Tensor] | None = None,
     ) -> OLAOutput:
         """L_PT = L_NTP + Σ_task λ_task Σ_l L_emb^l (Eq. 1). `targets[task]` has one row per image; without
         targets or predictors only L_NTP is computed."""
-        embeds, attn, labels, segments = self.splice(input_ids, attention_mask, labels, images)
+        embeds, attn, labels, segments = self.splice(
+            input_ids, attention_mask, labels, images, teacher_images=teacher_images
+        )
         distill = self.predictors is not None and targets is not None
         shift = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         out = self.llm(
@@ -261,10 +299,13 @@ class OLAVLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
+        teacher_images: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Answer ids (B, n_new) for prompts with an <image> placeholder; kwargs go to LLM.generate."""
-        embeds, attn, _, _ = self.splice(input_ids, attention_mask, images=images, left_pad=True)
+        embeds, attn, _, _ = self.splice(
+            input_ids, attention_mask, images=images, left_pad=True, teacher_images=teacher_images
+        )
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attn, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints (docs/design.md §12)
@@ -291,15 +332,15 @@ class OLAVLM(nn.Module):
 
         folder = Path(folder)
         state = self.state_dict() if state is None else state
-        unsourced = {c for c in ("llm", "vision") if not self.sources.get(c)}
+        unsourced = {c for c in ("llm", "vision", "teachers") if not self.sources.get(c)}
         stored = [c for c in sorted(set(components) | unsourced) if getattr(self, c) is not None]
         state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0] in stored}
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(self.config_dict(stored), indent=2))
-        replace_folder(tmp, folder)
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(self.config_dict(stored), indent=2))
+
+        write_folder(folder, write)
 
     @classmethod
     def from_checkpoint(
@@ -310,8 +351,11 @@ class OLAVLM(nn.Module):
         with_predictors: bool = True,
     ) -> OLAVLM:
         """Rebuild a model saved by `save`: base components the checkpoint does not store from their source
-        folders, the others allocated uninitialised (meta device), then every stored part loaded strictly."""
+        folders, the others allocated uninitialised (meta device), then every stored part loaded strictly.
+        A folder of the authors' released models (config.json with `architectures`) goes to from_released."""
         config = read_json(Path(folder) / "config.json")
+        if "architectures" in config:
+            return cls.from_released(folder, dtype, device, with_predictors)
         sources, stored = config["sources"], config["stored"]
         cfg = OLAConfig.from_dict(config["ola"])
         tower_cls, tower_cfg_cls = VISION_TOWERS[config["vision"]["kind"]]
@@ -332,8 +376,48 @@ class OLAVLM(nn.Module):
             vision = tower_cls.from_pretrained(sources["vision"], dtype=dtype)
             vision.config = tower_cfg  # e.g. the select layer the model was trained with
         target_dims = config["target_dims"] if with_predictors else None
-        model = cls(cfg, llm, vision, target_dims, sources).to(device=device, dtype=dtype)
+        teachers = None
+        if cfg.mode != "ola":  # the baselines' input teachers: from their folders, or tiny ones loaded below
+            grid = math.isqrt(vision.num_tokens)
+            if "teachers" in stored:
+                teachers = tiny_teachers(cfg.tasks, grid)
+            else:
+                teachers = load_teachers(sources["teachers"], grid, dtype)
+        model = cls(cfg, llm, vision, target_dims, sources, teachers).to(device=device, dtype=dtype)
         return model.load_components(folder)
+
+    @classmethod
+    def from_released(
+        cls,
+        folder: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        with_predictors: bool = True,
+    ) -> OLAVLM:
+        """A shi-labs released OLA-VLM folder (IFT `LlavaLlamaForCausalLM` and its Phi-3 / ConvNeXt variants,
+        PT `OlaLlavaLlamaForCausalLM`) through released.py's key table; dtype None keeps the stored one."""
+        from released import load_released  # released.py imports this module
+
+        return load_released(folder, dtype=dtype, device=device, with_predictors=with_predictors)
+
+    @staticmethod
+    def stored_config(folder: str | os.PathLike) -> OLAConfig:
+        """The OLAConfig of a checkpoint folder, ours or a released one, without loading its weights."""
+        folder = Path(folder)
+        config = read_json(folder / "config.json")
+        if "architectures" in config:
+            from released import parse_config, read_headers
+
+            return parse_config(config, read_headers(folder)[0], folder).ola
+        return OLAConfig.from_dict(config["ola"])
+
+    def drop_tokens(self) -> None:
+        """Remove the special tokens from the model and its sequence (N_seek = 0; Tab. 6 "dropped")."""
+        if self.predictors is not None:
+            raise ValueError("cannot drop the special tokens while the predictors read them")
+        self.cfg.num_seek_tokens = 0
+        self.tokens = None
+        self.image_seq_len = self.num_image_tokens
 
     def load_components(self, folder: str | os.PathLike) -> OLAVLM:
         """Strictly load every component a checkpoint stores (those this model has)."""
@@ -356,19 +440,32 @@ STAGE_TRAINABLE = {  # Sec. 5.1: what each stage trains
     "vpt": ("llm", "projector"),
     "ift": ("llm", "projector"),
 }
-COMPONENTS = ("vision", "projector", "tokens", "llm", "predictors")
+COMPONENTS = ("vision", "teachers", "projector", "inputs", "tokens", "llm", "predictors")
 
 
-def set_trainable(model: OLAVLM, stage: str, verbose: bool = True) -> dict[str, tuple[int, int]]:
+def set_trainable(
+    model: OLAVLM, stage: str, verbose: bool = True, emb_losses: bool | None = None, tokens: str = "frozen"
+) -> dict[str, tuple[int, int]]:
     """Freeze per stage (Sec. 5.1): PT trains projector, special tokens, predictors (+ logit scales);
-    VPT/IFT train LLM and projector, drop the predictors and keep the base encoder and the tokens frozen.
-    Returns (and prints) {component: (trainable, total) parameters}."""
+    VPT/IFT train LLM and projector and keep the base encoder and the tokens frozen. `emb_losses` (default:
+    PT only; Tab. 4) keeps and trains the predictors, else they are dropped; `tokens` = "learnable" also
+    trains the special tokens after PT, "none" drops them (Tab. 6). Returns (and prints) {component:
+    (trainable, total) parameters}."""
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"unknown stage {stage!r}: expected one of {list(STAGE_TRAINABLE)}")
     trainable = STAGE_TRAINABLE[stage]
-    if stage != "pt":  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
+    if emb_losses is None:
+        emb_losses = stage == "pt"
+    if emb_losses:
+        trainable = (*trainable, "predictors")
+    else:  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
         model.predictors = None
         model.target_dims = None
+    if stage != "pt" and tokens == "learnable":
+        trainable = (*trainable, "tokens")
+    if stage != "pt" and tokens == "none":
+        model.drop_tokens()
+    trainable = (*trainable, "inputs")  # the baselines' feature projectors train with the projector
     counts = {}
     for name in COMPONENTS:
         module = getattr(model, name)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from losses import embedding_loss
 from resampler import PerceiverResampler
@@ -24,6 +25,15 @@ KEY_INPUTS = {  # which segments an embedding predictor reads as keys (App. Tab.
 }
 
 
+def pool_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., N, C) -> (..., k, C): the means of k contiguous chunks of rows (576 -> 8 × 72). When k does not
+    divide N (e.g. N_seek 24 on the tiny 8×8 grid) the chunks are adaptive pooling's: rows
+    [⌊iN/k⌋, ⌈(i+1)N/k⌉)."""
+    lead, (N, C) = x.shape[:-2], x.shape[-2:]
+    pooled = F.adaptive_avg_pool1d(x.reshape(-1, N, C).transpose(1, 2), k)  # (B, C, k)
+    return pooled.transpose(1, 2).reshape(*lead, k, C)
+
+
 class SeekTokens(nn.Module):
     """The special tokens <t> (Sec. 4.1). A spatial task owns a query matrix Q_task (N, H), e.g. `q_depth`;
     its N_seek sequence tokens are the means of N_seek contiguous chunks of it. A global task owns its
@@ -31,8 +41,10 @@ class SeekTokens(nn.Module):
 
     def __init__(self, tasks: tuple[str, ...], num_image_tokens: int, hidden: int, num_seek: int):
         super().__init__()
-        if num_image_tokens % num_seek:
-            raise ValueError(f"{num_image_tokens} image tokens do not split into {num_seek} seek tokens")
+        if num_seek > num_image_tokens:
+            raise ValueError(
+                f"{num_seek} seek tokens per task, more than the {num_image_tokens} image tokens"
+            )
         self.num_seek = num_seek
         self.names = {}
         for task in tasks:  # randn init, std 1, as released
@@ -52,7 +64,7 @@ class SeekTokens(nn.Module):
         p = self.parameter(task)
         if not TASKS[task].spatial:
             return p
-        return p.view(self.num_seek, -1, p.shape[-1]).mean(1)
+        return pool_rows(p, self.num_seek)
 
 
 class EmbeddingPredictors(nn.Module):

@@ -39,6 +39,8 @@ from tqdm import tqdm
 import data
 import shapes
 from chat import ChatTokenizer
+from checkpoint import last_complete
+from cli import user_errors
 from inference import BUILTIN, DEFAULT_RUN, device_and_dtype, image_pixels, load_model, prompt_ids
 from losses import cosine
 from resampler import PerceiverResampler
@@ -55,11 +57,11 @@ TINY = dict(lr=1e-2, batch_size=16, epochs=3)
 @dataclass
 class ProbeConfig:
     """Probe training (Sec. 3; docs/design.md §7): smooth-L1, AdamW lr 1e-3, cosine with 3% warmup,
-    batch 256, 1 epoch."""
+    batch 256, two epochs (Sec. 3; the released probe script runs one)."""
 
     lr: float = 1e-3
     batch_size: int = 256
-    epochs: int = 1
+    epochs: int = 2
     warmup_ratio: float = 0.03
     heads: int = 4  # the predictors' resampler shape (Sec. 4.1)
     dim_head: int = 32
@@ -191,7 +193,9 @@ def load_views(paths: list[Path], tower, teachers: TargetEncoders):
     """Image paths -> base-encoder pixels (B, 3, S, S) and teacher pixels {task: (B, 3, s, s)} of the same
     square view: padded, the view of inference (docs/design.md §2), for PT and IFT checkpoints alike."""
     views = [image_pixels(p, tower, view="pad") for p in paths]
-    return torch.stack([x for _, x in views]), default_collate([teachers.preprocess(sq) for sq, _ in views])
+    maps = [data.maps_beside(p, "pad") for p in paths]  # the tiny teachers read the true maps (§9)
+    pixels = [teachers.preprocess(sq, m) for (sq, _), m in zip(views, maps)]
+    return torch.stack([x for _, x in views]), default_collate(pixels)
 
 
 class MLLMFeatures:
@@ -229,14 +233,18 @@ class MLLMFeatures:
         device = next(self.model.parameters()).device
         for pixels, target_pixels in self.loader:
             ids = self.ids.expand(len(pixels), -1).to(device)
+            pixels_on_device = {t: x.to(device) for t, x in target_pixels.items()}
+            fed = None  # a multi-encoder baseline (Tab. 1) takes its teachers' pixels as input too
+            if self.model.teachers is not None:
+                fed = {t: pixels_on_device[t] for t in self.model.cfg.tasks}
             with torch.no_grad(), autocast(device):
                 out = self.model(
                     ids,
                     torch.ones_like(ids, dtype=torch.bool),
                     images=pixels.to(device, self.model.projector[0].weight.dtype),
                     output_hidden_states=True,
+                    teacher_images=fed,
                 )
-                pixels_on_device = {t: x.to(device) for t, x in target_pixels.items()}
                 targets = {t: y.float() for t, y in self.teachers.probe_targets(pixels_on_device).items()}
             for t, y in targets.items():
                 if t != "gen" and y.shape[1] != self.model.num_image_tokens:
@@ -285,7 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-images", type=int)
     p.add_argument("--max-val-images", type=int)
     p.add_argument("--batch-size", type=int, help="default 256 (tiny: 16)")
-    p.add_argument("--epochs", type=int, help="default 1 (tiny: 3)")
+    p.add_argument("--epochs", type=int, help="default 2, as Sec. 3 (tiny: 3)")
     p.add_argument("--lr", type=float, help="default 1e-3 (tiny: 1e-2)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
@@ -301,7 +309,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown := set(args.tasks) - set(TASKS):
         p.error(f"unknown task(s) {sorted(unknown)}: expected a comma list of {', '.join(TASKS)}")
     run = Path(args.run)
-    args.models = args.models or [str(run / "pt" / "final"), str(run / "ift" / "final")]
+    if not args.models:  # each stage's final/, or its newest complete checkpoint after a kill
+        try:
+            args.models = [str(last_complete(run / stage)) for stage in ("pt", "ift")]
+        except FileNotFoundError as e:
+            p.error(f"{e}: pass --models or --run")
+        args.labels = args.labels or ["PT", "IFT"]
     if not args.labels:  # <run>/pt/final -> "PT"; the full paths if that is ambiguous
         args.labels = [
             Path(m).parent.name.upper() if Path(m).name == "final" else Path(m).name for m in args.models
@@ -336,6 +349,10 @@ def main(argv=None) -> None:
     scores, trivial = {}, {}
     for label, folder in zip(args.labels, args.models):
         model, tok = load_model(folder, args.tokenizer, device=device, dtype=dtype)
+        if model.teachers is not None and not set(model.cfg.tasks) <= set(args.tasks):
+            raise ValueError(
+                f"{folder} takes the {list(model.cfg.tasks)} teachers as input: probe those tasks"
+            )
         if teachers is None:
             teachers = make_teachers(
                 args.teachers, tuple(args.tasks), model.vision.grid, args.seed, dtype
@@ -387,4 +404,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # bad input, a diverged run, a full disk: one line, no traceback
+        main()

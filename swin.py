@@ -102,19 +102,30 @@ class SwinBlock(ViTBlock):
         ids = windows(ids[None, :, :, None], self.window)[0, ..., 0]  # (nW, ws²)
         return (ids[:, None, :] != ids[:, :, None]).float() * -100.0
 
+    def window_order(self, Hp: int, Wp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cyclic shift and the window partition as one permutation of the row-major map: windowed token
+        k is map token order[k]; `inverse` undoes it. One index_select instead of roll + reshape copies."""
+        s = self.shift
+        rows = (torch.arange(Hp, device=device) + s) % Hp
+        cols = (torch.arange(Wp, device=device) + s) % Wp
+        source = rows[:, None] * Wp + cols[None, :]  # (Hp, Wp): the map token at each rolled position
+        order = windows(source[None, :, :, None], self.window).flatten()  # (Hp·Wp,)
+        return order, torch.argsort(order)
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        ws, s = self.window, self.shift
-        h = F.pad(self.norm1(x), (0, 0, 0, -W % ws, 0, -H % ws))  # pad after layernorm_before
+        ws = self.window
+        h = self.norm1(x)
+        if H % ws or W % ws:
+            h = F.pad(h, (0, 0, 0, -W % ws, 0, -H % ws))  # pad after layernorm_before
         Hp, Wp = h.shape[1:3]
+        order, inverse = self.window_order(Hp, Wp, x.device)
         bias = self.rel_table[self.rel_index].permute(2, 0, 1)  # (heads, ws², ws²)
-        if s:
-            h = torch.roll(h, (-s, -s), (1, 2))
+        if self.shift:
             bias = bias + self.shift_mask(Hp, Wp, x.device)[:, None].to(bias.dtype)  # (nW, heads, ws², ws²)
-        h = self.attn(windows(h, ws), bias.to(h.dtype))  # (B, nW, ws², C)
-        h = h.view(B, Hp // ws, Wp // ws, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        if s:
-            h = torch.roll(h, (s, s), (1, 2))
+        h = torch.index_select(h.reshape(B, Hp * Wp, C), 1, order).view(B, -1, ws * ws, C)  # (B, nW, ws², C)
+        h = self.attn(h, bias.to(h.dtype))
+        h = torch.index_select(h.reshape(B, Hp * Wp, C), 1, inverse).view(B, Hp, Wp, C)
         return h[:, :H, :W]
 
 

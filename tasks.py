@@ -73,7 +73,9 @@ def load_teachers(
 def tiny_teachers(
     tasks: tuple[str, ...], grid: int, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> TargetEncoders:
-    """Random tiny teachers of `tasks` (the built-in CPU run), reproducible from `seed`."""
+    """The tiny teachers of `tasks` for the built-in CPU run (docs/design.md §9): random encoders of the real
+    teachers' classes, reproducible from `seed`, that encode what the real features stand for — depth the
+    record's true depth map, seg its true segmentation map, gen the image."""
     check_tasks(tasks)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -88,7 +90,7 @@ def make_teachers(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> TargetEncoders | None:
-    """The teachers of `tasks`: the official ones of `paths` if given, else the tiny random ones (`seed`)."""
+    """The teachers of `tasks`: the official ones of `paths` if given, else the tiny ones (`seed`)."""
     if not tasks:
         return None
     if not paths:

@@ -12,13 +12,13 @@ r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (Sec. 5.1; 
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,100 +28,27 @@ from tqdm import tqdm
 import data
 import shapes
 from chat import ChatTokenizer
-from checkpoint import read_json, replace_folder
+from checkpoint import load_tensors_only, read_json, write_folder
+from cli import user_errors
 from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
 from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
 from llm import LLM, LLMConfig
 from ola import OLAVLM, OLAConfig, set_trainable
-from tasks import TASKS, add_teacher_args, make_teachers, teacher_paths
+from recipe import PRESETS, STAGES, TINY, parse_args
+from tasks import make_teachers
 from teachers import TargetEncoders
 
-# Paper recipe per stage (Sec. 5.1): learning rate, global batch, image view, what a checkpoint stores.
-STAGES = {
-    "pt": dict(lr=1e-3, batch_size=256, view="crop", stored=("projector", "tokens", "predictors")),
-    "vpt": dict(lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "tokens")),
-    "ift": dict(lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "tokens")),
-}
-# The built-in tiny model trains in minutes on a CPU: its own (larger) learning rates and batches.
-TINY = dict(
-    pt=dict(lr=2e-3, batch_size=16, epochs=6),
-    vpt=dict(lr=1e-3, batch_size=16, epochs=6),
-    ift=dict(lr=1e-3, batch_size=16, epochs=8),
-)
 BUILTIN = Path("data_cache/builtin")
-PRESETS = {"tiny": "llama3", "llama3-8b": "llama3", "phi3-mini": "phi3"}  # preset -> chat template (Sec. 5.1)
-
-
-# ----------------------------------------------------------------------------- arguments
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=PRESETS)
-    p.add_argument(
-        "--stage", default=None, help="pt, vpt, ift or a comma list run in order (tiny default: pt,ift)"
-    )
-    p.add_argument("--llm", help="LLM weight folder (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--vision", help="base encoder folder: CLIP ViT-L/14-336 or open_clip ConvNeXt-XXL")
-    p.add_argument(
-        "--vision-type", choices=sorted(VISION_TOWERS), help="base encoder kind (default: detected)"
-    )
-    p.add_argument(
-        "--tasks", default=",".join(TASKS), help="distilled tasks, comma list ('' = none; App. Tab. II)"
-    )
-    add_teacher_args(p)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in --llm)")
-    p.add_argument("--init", help="OLA checkpoint to start from (IFT/VPT start from PT's final)")
-    p.add_argument("--data", help="LLaVA .json/.jsonl records (default: built-in data)")
-    p.add_argument("--image-folder", help="folder the records' image paths are relative to")
-    p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-    p.add_argument("--batch-size", type=int, help="global batch (default: the stage's, Sec. 5.1)")
-    p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (default: all of it)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--epochs", type=float, help="passes over the data (default 1; tiny 6)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--max-length", type=int, help="token budget per sample (default 4096; tiny 512)")
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per stage")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per decoder block)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more samples are bad")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.stages = (args.stage or ("pt,ift" if args.preset == "tiny" else "pt")).split(",")
-    for stage in args.stages:
-        if stage not in STAGES:
-            p.error(f"unknown stage {stage!r}: expected pt, vpt or ift")
-    args.tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = [t for t in args.tasks if t not in TASKS]
-    if unknown:
-        p.error(f"--tasks: unknown task(s) {unknown}; expected some of {list(TASKS)}")
-    args.teachers = teacher_paths(args, p.error)
-    if args.preset != "tiny":
-        check_real_inputs(args, p.error)
-    args.out = Path(args.out or f"runs/{args.preset}")
-    args.max_length = args.max_length or (512 if args.preset == "tiny" else 4096)
-    return args
-
-
-def check_real_inputs(args: argparse.Namespace, error) -> None:
-    """A real preset needs its weights and data; PT needs a teacher per task and no other."""
-    missing = [f"--{name}" for name in ("llm", "vision") if getattr(args, name) is None and not args.init]
-    if "pt" in args.stages:
-        missing += [f"--teacher {t}=PATH" for t in args.tasks if t not in args.teachers]
-    if args.data is None:
-        missing.append("--data")
-    if missing:
-        error(f"--preset {args.preset} needs {', '.join(missing)} (see README: downloading the weights)")
-    extra = sorted(set(args.teachers) - set(args.tasks))
-    if extra:
-        error(f"teachers given for {extra}, which --tasks {','.join(args.tasks)} does not distill")
 
 
 # ----------------------------------------------------------------------------- model
 def tiny_model(
-    cfg: OLAConfig, tok: ChatTokenizer, target_dims: dict[str, int] | None, seed: int, kind: str = "clip"
+    cfg: OLAConfig,
+    tok: ChatTokenizer,
+    target_dims: dict[str, int] | None,
+    seed: int,
+    kind: str = "clip",
+    teachers: TargetEncoders | None = None,
 ) -> OLAVLM:
     """The built-in tiny OLA-VLM (a random LLM and base encoder of `kind`, CPU-sized), reproducible from
     `seed`. Both tiny towers give an 8×8 grid of image tokens."""
@@ -137,7 +64,7 @@ def tiny_model(
     llm = LLM(llm_cfg)
     tower_cls, tower_cfg = VISION_TOWERS[kind]
     vision = tower_cls(tower_cfg.tiny())
-    return OLAVLM(cfg, llm, vision, target_dims)
+    return OLAVLM(cfg, llm, vision, target_dims, teachers=teachers)
 
 
 def build_model(
@@ -146,23 +73,32 @@ def build_model(
     """A fresh OLA-VLM from base weights (or tiny random ones), or the --init / previous-stage checkpoint.
     `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
     dims = teachers.dims if teachers is not None else None
-    if args.init:  # the checkpoint's projector and special tokens are kept (and its predictors, in PT)
+    if args.init:  # the checkpoint's configuration, projector and special tokens are kept (and predictors)
         model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=bool(dims))
         model.llm.to(dtype)
-        if dims and model.predictors is None:  # PT from a checkpoint without predictors: fresh ones
+        if dims and model.target_dims and model.target_dims != dims:
+            raise ValueError(
+                f"{args.init}: its predictors predict {model.target_dims} channels, the teachers give {dims}"
+            )
+        if dims and model.predictors is None:  # embedding losses, a checkpoint without predictors: fresh ones
             fresh = OLAVLM(model.cfg, model.llm, model.vision, dims, model.sources).to(device)
             fresh.projector = model.projector
             fresh.tokens = model.tokens
             model = fresh
         return model
-    cfg = OLAConfig(tasks=args.tasks)
+    cfg = copy.deepcopy(args.ola)  # a stage may change its copy (--ift-tokens none)
+    inputs = None  # the multi-encoder baselines' teachers, part of the model (Tab. 1)
+    if cfg.mode != "ola":
+        inputs = build_teachers(args, cfg.tasks, device, dtype)
     if args.preset == "tiny":
-        return tiny_model(cfg, tok, dims, args.seed, args.vision_type or "clip").to(device)
+        return tiny_model(cfg, tok, dims, args.seed, args.vision_type or "clip", inputs).to(device)
     llm = LLM.from_pretrained(args.llm, dtype=dtype, device=device)
     kind = args.vision_type or detect_tower(args.vision)
     vision = VISION_TOWERS[kind][0].from_pretrained(args.vision, dtype=dtype)
     sources = {"llm": str(Path(args.llm).resolve()), "vision": str(Path(args.vision).resolve())}
-    return OLAVLM(cfg, llm, vision, dims, sources).to(device)
+    if inputs is not None:
+        sources["teachers"] = {task: str(Path(args.teachers[task]).resolve()) for task in cfg.tasks}
+    return OLAVLM(cfg, llm, vision, dims, sources, inputs).to(device)
 
 
 def base_grid(args) -> int:
@@ -180,10 +116,12 @@ def build_teachers(args, tasks: tuple[str, ...], device, dtype) -> TargetEncoder
 
 
 def tokenizer_path(args, builtin: dict | None) -> Path:
-    """--tokenizer, else the built-in one (tiny), else tokenizer.json of the LLM folder (or of the folder
-    the --init checkpoint's LLM came from)."""
+    """--tokenizer, else the --init folder's own (released folders have one), else the built-in one (tiny),
+    else tokenizer.json of the LLM folder (or of the folder the --init checkpoint's LLM came from)."""
     if args.tokenizer:
         return Path(args.tokenizer)
+    if args.init and (Path(args.init) / "tokenizer.json").is_file():  # a released folder carries its own
+        return Path(args.init) / "tokenizer.json"
     if args.preset == "tiny":
         return builtin["tokenizer"] if builtin else shapes.builtin_dataset(BUILTIN)["tokenizer"]
     llm = args.llm or read_json(Path(args.init) / "config.json")["sources"]["llm"]
@@ -191,12 +129,12 @@ def tokenizer_path(args, builtin: dict | None) -> Path:
 
 
 def stage_tasks(args, stage: str) -> tuple[str, ...]:
-    """The tasks whose embedding losses this stage trains: PT only (Sec. 4), those of the --init checkpoint
-    when PT starts from one."""
-    if stage != "pt":
+    """The tasks whose embedding losses this stage trains: in the --emb-losses stages (PT only, Sec. 4;
+    Tab. 4), those of the --init checkpoint when the stage starts from one."""
+    if stage not in args.emb_stages:
         return ()
     if args.init:
-        return OLAConfig.from_dict(read_json(Path(args.init) / "config.json")["ola"]).tasks
+        return OLAVLM.stored_config(args.init).tasks
     return args.tasks
 
 
@@ -209,8 +147,8 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def json_args(args) -> dict:
-    """The run's arguments as plain JSON values (paths as strings)."""
-    return json.loads(json.dumps(vars(args), default=str))
+    """The run's arguments as plain JSON values (paths as strings, the model configuration as a dict)."""
+    return json.loads(json.dumps({**vars(args), "ola": asdict(args.ola)}, default=str))
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -246,28 +184,38 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     tok = ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset])
     teachers = build_teachers(args, stage_tasks(args, stage), device, frozen)
     model = build_model(args, tok, teachers, device, frozen if stage == "pt" else torch.float32)
+    check_vocabulary(tok, model)
     model.vision.to(frozen)
-    set_trainable(model, stage, verbose=rank == 0)
+    emb_losses = stage in args.emb_stages
+    set_trainable(model, stage, verbose=rank == 0, emb_losses=emb_losses, tokens=args.ift_tokens)
     model.llm.gradient_checkpointing = args.grad_checkpointing
     records = args.data or builtin["pt" if stage == "pt" else "ift"]
     image_folder = args.image_folder or (builtin["images"] if builtin else None)
+    fed = teachers if teachers is not None else model.teachers  # the teachers that get pixels, if any
     dataset = data.LLaVADataset(
         records,
         image_folder,
         tok,
         view=hp["view"],
         image_size=model.vision.image_size,
-        target_preprocess=teachers.preprocess if teachers else None,
+        target_preprocess=fed.preprocess if fed is not None else None,
         max_length=args.max_length,
         image_seq_len=model.image_seq_len,
         max_bad_fraction=args.max_bad_fraction,
         image_preprocess=model.vision.preprocess,
     )
+    if stage == "pt":
+        check_images(dataset)
     micro = args.micro_batch_size or batch_size // world
     accum = batch_size // (micro * world)
     if accum < 1 or micro * world * accum != batch_size:
         raise ValueError(
             f"global batch {batch_size} is not a multiple of micro batch {micro} x {world} ranks"
+        )
+    if accum > 1 and teachers is not None and model.cfg.contrastive_weight and rank == 0:
+        print(
+            f"note: InfoNCE negatives are {micro * world} samples per micro-batch, not the global batch "
+            f"{batch_size} (docs/design.md §4)"
         )
     loader = data.Loader(
         dataset, micro, seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers
@@ -292,6 +240,26 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     return run
 
 
+def check_vocabulary(tok: ChatTokenizer, model: OLAVLM) -> None:
+    """Every token id must index a row of the LLM's embedding (else an index error deep in the model)."""
+    rows = model.llm.config.vocab_size
+    if tok.vocab_size > rows:
+        raise ValueError(
+            f"{tok.path}: {tok.vocab_size} tokens, but the LLM's embedding has {rows} rows "
+            f"(config.json vocab_size): use the tokenizer.json that came with the LLM (--tokenizer)"
+        )
+
+
+def check_images(dataset: data.LLaVADataset) -> None:
+    """PT learns from images (Sec. 4, 5.1): refuse PT data without any, and say how many records have none
+    (their embedding losses are 0)."""
+    with_image = sum(isinstance(r, dict) and "image" in r for r in dataset.records)
+    if with_image == 0:
+        raise ValueError(f"{dataset.path}: no record has an 'image', but PT trains on images (Sec. 5.1)")
+    if with_image < len(dataset.records):
+        print(f"note: {len(dataset.records) - with_image} of {len(dataset.records)} PT records have no image")
+
+
 def latest_checkpoint(args, stage: str) -> Path | None:
     """The newest complete step_* checkpoint of the stage when --resume is on."""
     if not args.resume:
@@ -305,7 +273,10 @@ def latest_checkpoint(args, stage: str) -> Path | None:
 
 def resume(run: Run, checkpoint: Path, args, rank: int) -> None:
     """Optimizer, schedule, step, data position and RNG from a checkpoint's trainer.pt (tensors only)."""
-    trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    trainer = load_tensors_only(checkpoint / "trainer.pt")
+    expected = ("optimizer", "scheduler", "step", "loader", "rng")
+    if not isinstance(trainer, dict) or not set(expected) <= trainer.keys():
+        raise ValueError(f"{checkpoint / 'trainer.pt'}: expected a dict with the keys {list(expected)}")
     load_optimizer_state(run.wrapped, run.optimizer, trainer["optimizer"], args)
     run.scheduler.load_state_dict(trainer["scheduler"])
     run.step = trainer["step"]
@@ -321,11 +292,6 @@ def save_checkpoint(run: Run, args, rank: int) -> None:
     state, optimizer_state = gather_states(run.wrapped, run.optimizer, args)
     if rank != 0:
         return
-    folder = run.folder / f"step_{run.step:06d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    run.model.save(tmp / "model", STAGES[run.stage]["stored"], state=state)
     trainer = {
         "optimizer": optimizer_state,
         "scheduler": run.scheduler.state_dict(),
@@ -333,11 +299,34 @@ def save_checkpoint(run: Run, args, rank: int) -> None:
         "loader": run.loader.state_dict(),
         "rng": torch.get_rng_state(),
     }
-    torch.save(trainer, tmp / "trainer.pt")
-    (tmp / "args.json").write_text(json.dumps(json_args(args), indent=1))
-    replace_folder(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        run.model.save(tmp / "model", STAGES[run.stage]["stored"], state=state)
+        torch.save(trainer, tmp / "trainer.pt")
+        (tmp / "args.json").write_text(json.dumps(json_args(args), indent=1))
+
+    write_folder(run.folder / f"step_{run.step:06d}", write)
     for old in sorted(run.folder.glob("step_*[0-9]"))[: -args.keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def record_config(run: Run, args) -> None:
+    """Print the stage's full configuration and write it as run.json beside metrics.jsonl."""
+    config = {
+        "stage": run.stage,
+        "model": asdict(run.model.cfg),
+        "trainable": [
+            name
+            for name, module in run.model.named_children()
+            if any(p.requires_grad for p in module.parameters())
+        ],
+        "steps": run.total,
+        "accumulation": run.accum,
+        "args": json_args(args),
+    }
+    (run.folder / "run.json").write_text(json.dumps(config, indent=1))
+    print(f"{run.stage}: model {config['model']}")
+    print(f"{run.stage}: {run.total} steps x {run.accum} micro-batches; args {config['args']}")
 
 
 def open_metrics(run: Run, resumed: bool):
@@ -379,6 +368,7 @@ def train_step(run: Run, batches, args, device: torch.device, world: int) -> tup
         with sync_context(run.wrapped, args, last), autocast:
             # every rank computes the embedding losses every step (they all-gather), images or not
             targets = run.teachers(batch["target_images"]) if run.teachers is not None else None
+            fed = batch["target_images"] if run.model.teachers is not None else None  # concat baselines
             out = run.wrapped(
                 batch["input_ids"],
                 batch["attention_mask"],
@@ -386,6 +376,7 @@ def train_step(run: Run, batches, args, device: torch.device, world: int) -> tup
                 batch["images"],
                 batch["has_image"],
                 targets,
+                teacher_images=fed,
             )
             (out.loss / run.accum).backward()
         for key, value in all_mean({"loss": out.loss, **out.terms}).items():
@@ -427,7 +418,10 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
         for old in run.folder.glob("step_*"):
             shutil.rmtree(old, ignore_errors=True)
     run.folder.mkdir(parents=True, exist_ok=True)
-    metrics = open_metrics(run, resumed) if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        metrics = open_metrics(run, resumed)
+        record_config(run, args)
     bar = tqdm(total=run.total, initial=run.step, desc=stage, disable=rank != 0, dynamic_ncols=True)
     history, t0, seen = [], time.time(), 0
     batches = endless(run.loader)
@@ -448,12 +442,11 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
     bar.close()
     final = run.folder / "final"
     if rank == 0:
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run.folder / f"step_{run.step:06d}" / "model", tmp)
-        replace_folder(tmp, final)
+        last = run.folder / f"step_{run.step:06d}" / "model"
+        write_folder(final, lambda tmp: shutil.copytree(last, tmp, dirs_exist_ok=True))
         metrics.close()
-        summarize(stage, history, seen, time.time() - t0, final, run.dataset)
+        if history:  # empty when a resumed run had already saved its last step
+            summarize(stage, history, seen, time.time() - t0, final, run.dataset)
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -478,14 +471,17 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for stage in args.stages:
-            final = run_stage(args, stage, rank, world, device)
+            final = args.out / stage / "final"
+            if args.resume and final.exists():  # a pt,ift chain killed in IFT resumes in IFT
+                print(f"--resume: {stage} is complete ({final}); going on from it")
+            else:
+                final = run_stage(args, stage, rank, world, device)
             args.init = str(final)  # the next stage starts where this one ended
-    except FloatingPointError as e:  # a diverged run: the message says which step and term
-        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # bad input, a diverged run, a full disk: one line, no traceback
+        main()

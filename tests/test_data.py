@@ -5,6 +5,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +24,7 @@ from tokenizers import (
 import chat
 import data
 import shapes
-from chat import ChatTokenizer
+from chat import LLAMA3_CHAT_TOKENS, ChatTokenizer
 from data import LLaVADataset, Loader, collate
 from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from preprocess import resize_normalize
@@ -70,15 +71,7 @@ def llama3_tokenizer(path):
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
         r"|\s*[\r\n]+|\s+(?!\S)|\s+"
     )
-    specials = [
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|reserved_special_token_4|>",
-        "<|eot_id|>",
-    ]
+    specials = list(LLAMA3_CHAT_TOKENS)  # the first ten Llama-3 special tokens, ids 128000-128009
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -203,7 +196,7 @@ def test_labels_are_exactly_answers_and_end_of_turn(tokenizers_, name, record):
     sep = ROLES[key(name)][2]
     answers = [t["value"] for t in turns[1::2]]
     got = [ct.tok.decode([ids[j] for j in run], skip_special_tokens=False) for run in runs(labels)]
-    assert got == [a + sep for a in answers]
+    assert got == [("\n\n" if name == "llama3" else "") + a + sep for a in answers]  # released llama3 rule
     assert all(labels[j] in (IGNORE_INDEX, ids[j]) for j in range(len(ids)))
     assert ids.count(IMAGE_TOKEN_INDEX) == int(has_image)
     bos = ct.tok.token_to_id("<|begin_of_text|>" if name == "llama3" else "<s>")
@@ -311,7 +304,7 @@ def test_bad_samples_skipped_logged_and_counted(bad_data, tokenizers_, caplog, w
 def test_bad_fraction_threshold_stops_the_run(bad_data, tokenizers_):
     ds = dataset(bad_data, tokenizers_["llama3"], max_bad_fraction=0.1)
     # reads: 0 ok; 1 -> 1,2,3,4 bad, 5 ok; 2 -> 3 bad; 3 -> 2 bad; 4 -> 1 bad; 5, 6 ok: 10 bad of 17
-    with pytest.raises(RuntimeError, match=r"10 of 17 sample reads were bad, above max_bad_fraction=0.1"):
+    with pytest.raises(data.BadData, match=r"10 of 17 sample reads were bad, above max_bad_fraction=0.1"):
         list(Loader(ds, batch_size=7, shuffle=False))
 
 
@@ -355,7 +348,9 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
             assert [t["from"] for t in c] == ["human", "gpt"] * (len(c) // 2)
             assert sum(t["value"].count("<image>") for t in c) == ("image" in r)
             if "image" in r:
-                assert Image.open(builtin["images"] / r["image"]).size == (128, 128)
+                for kind, mode in (("image", "RGB"), ("depth", "I;16"), ("seg", "L")):  # maps beside it
+                    with Image.open(builtin["images"] / r[kind]) as img:
+                        assert img.size == (128, 128) and img.mode == mode
             tok.encode_conversation(c, "image" in r, r["id"])  # labels check passes
         if key == "ift":
             assert any("image" not in r for r in records) and any(
@@ -365,12 +360,13 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
         q = json.loads(line)
         letter = q["answer"][1]
         assert re.fullmatch(r"\([A-D]\)", q["answer"]) and f"({letter}) " in q["prompt"]
-        assert (builtin["images"] / q["image"]).exists() and q["task"] in ("Count", "Relation", "Size")
+        assert (builtin["images"] / q["image"]).exists() and q["task"] in shapes.MC_TASKS
+        assert (builtin["images"] / q["depth"]).exists() and (builtin["images"] / q["seg"]).exists()
 
 
 def test_collate_obeys_contract(builtin):
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
-    targets = lambda sq: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}
+    targets = lambda sq, maps: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}
     ds = LLaVADataset(
         builtin["ift"],
         builtin["images"],
@@ -415,8 +411,9 @@ def test_truncation_never_cuts_the_image(builtin, tmp_path):
             ]
         )
     )
-    full = tok.encode_conversation(turns, True)[0]
+    full, labels = tok.encode_conversation(turns, True)
     p = tok.n_prefix_tokens  # the image placeholder's index; it becomes 16 positions
+    answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # first labelled id
     for max_length in (p + 16, p + 17, len(full) + 14, len(full) + 15, len(full) + 200):
         ds = LLaVADataset(
             tmp_path / "r.json",
@@ -426,6 +423,10 @@ def test_truncation_never_cuts_the_image(builtin, tmp_path):
             image_seq_len=16,
             max_length=max_length,
         )
+        if max_length - 15 <= answer:  # the image fits, no answer does: nothing to learn, the record is bad
+            with pytest.raises(data.BadSample, match="no labelled"):
+                ds.load(0)
+            continue
         ids = ds.load(0)["input_ids"].tolist()
         assert ids.count(IMAGE_TOKEN_INDEX) == 1 and len(ids) - 1 + 16 == min(max_length, len(full) + 15)
         assert ids == full[: len(ids)]
@@ -434,7 +435,71 @@ def test_truncation_never_cuts_the_image(builtin, tmp_path):
     )  # the image would end past max_length: the record is bad
     with pytest.raises(data.BadSample, match="does not fit in max_length"):
         ds.load(0)
-    assert len(ds.load(1)["input_ids"]) == p + 15  # text-only: a plain cut at max_length
+    text_labels = tok.encode_conversation(conv(*["Two words."] * 20), False)[1]
+    cut = next(i for i, label in enumerate(text_labels) if label != IGNORE_INDEX) + 5
+    ds = LLaVADataset(tmp_path / "r.json", builtin["images"], tok, max_length=cut)
+    assert len(ds.load(1)["input_ids"]) == cut  # text-only: a plain cut at max_length
+
+
+@pytest.mark.parametrize("view", ["crop", "pad"])
+def test_maps_reach_the_teachers_in_the_square_view_of_their_image(tmp_path, tokenizers_, view):
+    """A record's depth / seg files are read in physical units (metres, segment ids) and cut or padded
+    exactly like its image: at every pixel of the view image, depth and seg still agree."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgb = np.zeros((30, 40, 3), np.uint8)  # (H, W): left part red at 2 m, id 11; the rest blue at 5 m, id 20
+    rgb[:, :20] = (200, 0, 0)
+    rgb[:, 20:] = (0, 0, 200)
+    depth = np.where(np.arange(40) < 20, 2000, 5000).astype(np.uint16)[None].repeat(30, 0)  # millimetres
+    seg = np.where(np.arange(40) < 20, 11, 20).astype(np.uint8)[None].repeat(30, 0)
+    for name, array in (
+        ("a.png", rgb),
+        ("a_depth.png", depth),
+        ("a_seg.png", seg),
+        ("small.png", seg[:9, :9]),
+    ):
+        Image.fromarray(array).save(folder / name)
+    caption = RECORDS["558k"][0]
+    records = [
+        {
+            "id": "maps",
+            "image": "a.png",
+            "depth": "a_depth.png",
+            "seg": "a_seg.png",
+            "conversations": caption,
+        },
+        {"id": "none", "image": "a.png", "conversations": caption},
+        {"id": "missing", "image": "a.png", "depth": "nope.png", "conversations": caption},
+        {"id": "wrong-size", "image": "a.png", "seg": "small.png", "conversations": caption},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    given = []
+    preprocess = lambda square, maps: given.append((square, maps)) or {}
+    ds = LLaVADataset(
+        tmp_path / "r.json",
+        folder,
+        tokenizers_["llama3"],
+        view=view,
+        image_size=28,
+        target_preprocess=preprocess,
+    )
+    ds.load(0)
+    square, maps = given[-1]
+    assert set(maps) == {"depth", "seg"} and maps["depth"].mode == "F" and maps["seg"].mode == "I"
+    assert square.size == maps["depth"].size == maps["seg"].size == ((30, 30) if view == "crop" else (40, 40))
+    px, d, s = np.asarray(square), np.asarray(maps["depth"]), np.asarray(maps["seg"])
+    red, blue = px[..., 0] == 200, px[..., 2] == 200
+    assert red.any() and blue.any()
+    assert np.array_equal(red, d == 2.0) and np.array_equal(red, s == 11)
+    assert np.array_equal(blue, d == 5.0) and np.array_equal(blue, s == 20)
+    assert np.array_equal(~(red | blue), (d == 0) & (s == 0))  # the padding: no depth, background
+    assert (~(red | blue)).any() == (view == "pad")
+    ds.load(1)
+    assert given[-1][1] == {}
+    with pytest.raises(data.BadSample, match="cannot read depth map .*nope.png"):
+        ds.load(2)
+    with pytest.raises(data.BadSample, match=r"seg map .*small.png is \(9, 9\), its image \(40, 30\)"):
+        ds.load(3)
 
 
 def test_loader_resume_and_world_size(builtin):

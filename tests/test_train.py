@@ -77,10 +77,76 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(workdir):
     assert sorted(p.name for p in (workdir / "killed" / "pt").iterdir()) == [
         "final",
         "metrics.jsonl",
+        "run.json",
         "step_000002",
         "step_000004",
         "step_000006",
     ]
+
+
+# Injected into a train.py subprocess (sitecustomize): on the n-th call of one writer, write half the file
+# (or copy half the folder), then kill -9 the process, as a power cut in the middle of a save would.
+KILLER = """
+import os, shutil, signal, torch, safetensors.torch
+WHAT, N = os.environ["KILL_IN"].split(":")
+calls = [0]
+
+def killing(write, path_of):
+    def wrapper(*args, **kw):
+        calls[0] += 1
+        out = write(*args, **kw)
+        if calls[0] == int(N):
+            path = path_of(*args)
+            files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] or [path]
+            for file in files[::2]:
+                os.truncate(file, os.path.getsize(file) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapper
+
+if WHAT == "trainer":
+    torch.save = killing(torch.save, lambda obj, f: str(f))
+elif WHAT == "weights":
+    safetensors.torch.save_file = killing(safetensors.torch.save_file, lambda state, f: f)
+elif WHAT == "final":
+    shutil.copytree = killing(shutil.copytree, lambda src, dst: str(dst))
+"""
+
+
+@pytest.mark.parametrize(
+    "kill_in", ["trainer:2", "weights:2", "final:1", "trainer:4"], ids=lambda k: k.split(":")[0] + k[-1]
+)
+def test_a_kill_during_a_save_then_resume_reproduces_the_run(workdir, kill_in):
+    """kill -9 while writing the trainer state, the weights or final/ (the 4th trainer save is IFT's second
+    of a pt,ift chain): the last complete checkpoint stays readable, and --resume continues in the stage
+    where the run stopped, with the uninterrupted run's losses."""
+    from checkpoint import last_complete
+    from ola import OLAVLM
+
+    args = ["--stage", "pt,ift", "--max-steps", "4"]
+    if not (workdir / "chain" / "ift" / "final").exists():
+        run(args + ["--out", "chain"], workdir)
+    out = workdir / f"kill-{kill_in.replace(':', '')}"
+    hooks = out.with_name(out.name + "-hooks")
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}",
+        "KILL_IN": kill_in,
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, *args, "--out", str(out)]
+    p = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    stopped = "ift" if (out / "ift").exists() else "pt"
+    assert not (out / stopped / "final").exists()
+    OLAVLM.from_checkpoint(last_complete(out / stopped))  # what eval.py / probe.py read meanwhile
+    run(args + ["--out", str(out), "--resume"], workdir)
+    for stage in ("pt", "ift"):
+        assert_same_losses(metrics(workdir / "chain" / stage), metrics(out / stage), tol=1e-6)
+        assert (out / stage / "final" / "config.json").exists()
+        assert not list((out / stage).glob("*.tmp")) and not list((out / stage).glob("*/*.tmp"))
 
 
 def test_fsdp2_ift_step_matches_ddp(workdir):
@@ -104,12 +170,13 @@ def test_fsdp2_ift_step_matches_ddp(workdir):
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
 
 
-@pytest.mark.parametrize("tasks", ["depth", ""], ids=["depth-only", "llava"])
-def test_two_rank_pt_with_a_task_subset_or_none(workdir, tasks):
+@pytest.mark.parametrize("flags", [["--tasks", "depth"], ["--mode", "llava"]], ids=["depth-only", "llava"])
+def test_two_rank_pt_with_a_task_subset_or_none(workdir, flags):
     """A task subset (or none: LLaVA-1.5) builds no parameters for the other tasks, so 2-rank DDP runs
     without an "unused parameters" crash, and logs only the enabled task's terms."""
+    tasks = "depth" if flags[0] == "--tasks" else ""
     out = f"subset-{tasks or 'none'}"
-    run(["--stage", "pt", "--max-steps", "1", "--tasks", tasks, "--out", out], workdir, nproc=2)
+    run(["--stage", "pt", "--max-steps", "1", *flags, "--out", out], workdir, nproc=2)
     (record,) = metrics(workdir / out / "pt")
     emb_terms = {k.split("@")[0] for k in record if "@" in k}
     assert emb_terms == ({"depth"} if tasks else set())
@@ -138,3 +205,29 @@ def test_pt_init_keeps_the_checkpoints_projector_and_tokens(workdir):
     kept = [k for k in before if k.startswith(("projector.", "tokens."))]
     assert len(kept) == 7 and all(torch.equal(before[k], after[k]) for k in kept)
     assert any(k.startswith("predictors.") for k in after)
+
+
+@pytest.mark.parametrize("mode", ["llava", "feat-concat", "token-concat"])
+def test_baseline_modes_train_and_answer(workdir, mode):
+    """--mode llava: PT trains only the projector, no special tokens or predictors anywhere. The concat
+    baselines (Tab. 1): a PT and an IFT step run, and eval rebuilds their teachers from the checkpoint."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from inference import answer, image_inputs, load_model
+    from preprocess import square_view
+
+    out = workdir / f"mode-{mode}"
+    run(["--stage", "pt,ift", "--max-steps", "1", "--mode", mode, "--out", str(out)], workdir)
+    pt = json.loads((out / "pt" / "run.json").read_text())
+    expected = {"llava": ["projector"], "feat-concat": ["projector"], "token-concat": ["inputs", "projector"]}
+    assert pt["trainable"] == expected[mode] and pt["model"]["mode"] == ("ola" if mode == "llava" else mode)
+    stored = {k.split(".")[0] for k in load_file(out / "ift" / "final" / "model.safetensors")}
+    assert not stored & {"tokens", "predictors"}
+    assert ("teachers" in stored) == (mode != "llava")  # the tiny teachers travel with the checkpoint
+    model, tok = load_model(out / "ift" / "final")
+    assert (model.teachers is None) == (mode == "llava")
+    image = next((workdir / "data_cache" / "builtin" / "images").glob("*.png"))
+    images, fed = image_inputs(model, [square_view(Image.open(image).convert("RGB"), "pad")])
+    (text,) = answer(model, tok, ["How many shapes?"], images, max_new_tokens=3, teacher_images=fed)
+    assert isinstance(text, str)

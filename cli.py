@@ -1,0 +1,22 @@
+"""How every command-line entry point ends on bad input: one line naming the file, key or step and what
+was expected, not a traceback (OLA_DEBUG=1 shows it). Bugs (any other exception) keep their traceback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Bad files and data (ValueError), missing files or a full disk (OSError), a diverged run (FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn USER_ERRORS raised inside into `error: <message>` and exit status 1."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("OLA_DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}\n(set OLA_DEBUG=1 for the traceback)") from None

@@ -1,0 +1,549 @@
+r"""The paper's comparison tables at the tiny scale: every row of a table as a train.py variant (PT, then IFT
+from its checkpoint, on the built-in data; the same seed and budget for all rows), scored on the built-in
+held-out QA and printed in the table's layout. docs/reproduce.md gives the same rows at full scale with the
+paper's numbers.
+
+    python experiments.py --table 5                 # N_seek 0 / 4 / 8 / 16 / 24 (--variants all: +12, LLaVA)
+    python experiments.py --table III --dry-run     # print the commands only
+    python experiments.py --table IV --seeds 0 1 2  # mean ± sample std over seeds
+    python experiments.py --table 1 --epochs tiny   # train.py's own tiny budget (≈3 min per run)
+
+Each run goes to runs/experiments/table<N>/<variant>/seed<S>: train.py's stages, log.txt (the output of its
+three commands) and result.json; a run whose result.json holds the same commands is not run again (--force
+reruns it). The table goes to runs/experiments/table<N>/results.{md,json}. The numbers are whatever the tiny
+model scores: a 1.4 M-parameter LLM trained for a few minutes is close to chance, and one seed on 100
+questions moves by several points, so they show that every row runs, not the paper's effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+OUT = Path("runs/experiments")
+# The default budget: PT 2 epochs (38 steps at the tiny batch of 16), IFT 7 epochs (224 steps; at 4 the tiny
+# model still answers most questions in words, not "(X)"), so that Tab. 5's 5 default rows finish in
+# < 15 minutes on 2 idle CPU cores; "tiny" = train.py's own tiny budget (PT 6, IFT 8 epochs).
+DEFAULT_EPOCHS = "2,7"
+TASK_ORDER = ("Count", "Depth", "Relation", "Distance")  # Tab. 1's CV-Bench columns; the built-in QA's tasks
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a table: its folder name, its cells in the paper's label columns, its train.py flags,
+    the paper's numbers of that row (None: the row is not in the paper), and whether it runs by default."""
+
+    name: str
+    label: tuple[str, ...]
+    flags: tuple[str, ...]
+    paper: tuple[float, ...] | None
+    default: bool = True
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of the paper: what it varies, its label columns and benchmark columns, and its rows."""
+
+    key: str
+    varies: str
+    label_columns: tuple[str, ...]
+    paper_columns: tuple[str, ...]
+    variants: tuple[Variant, ...]
+
+
+def row(
+    name: str, label: str | tuple[str, ...], flags: str, paper: str | None, default: bool = True
+) -> Variant:
+    """A Variant from strings: flags as on a command line, the paper's numbers space-separated."""
+    label = (label,) if isinstance(label, str) else label
+    numbers = None if paper is None else tuple(float(x) for x in paper.split())
+    return Variant(name, label, tuple(shlex.split(flags)), numbers, default)
+
+
+SHORT = ("CV-Bench 2D", "CV-Bench 3D", "MMStar", "Avg")  # the ablations' columns (Sec. 5.1)
+WITH_RWQA = ("CV-Bench 2D", "CV-Bench 3D", "MMStar", "RWQA", "Avg")
+CVBENCH_TASKS = ("Count 2D", "Depth 3D", "Relation 2D", "Distance 3D")
+LLAVA = "--mode llava"  # the single-encoder LLaVA-1.5 baseline: no predictors, no special tokens
+TABLES: dict[str, Table] = {
+    t.key: t
+    for t in (
+        Table(
+            "1",
+            "the single- and multi-encoder baselines against OLA-VLM, both base encoders (Llama3-8b rows)",
+            ("method", "encoder"),
+            (*CVBENCH_TASKS, "MMStar", "RWQA", "OK-VQA", "Avg"),
+            (
+                row("llava", ("LLaVA-1.5", "CLIP"), LLAVA, "50.4 73.3 64.9 48.7 38.8 57.8 56.9 55.1"),
+                row(
+                    "feat-concat",
+                    ("LLaVA-1.5 (feat concat.)", "CLIP + E_depth + E_seg + E_gen"),
+                    "--mode feat-concat",
+                    "45.3 75.5 70.9 54.3 36.1 57.5 58.3 56.8",
+                ),
+                row(
+                    "token-concat",
+                    ("LLaVA-1.5 (token concat.)", "CLIP + E_depth + E_seg + E_gen"),
+                    "--mode token-concat",
+                    "45.9 75.7 68.9 52.7 37.8 56.5 59.3 56.7",
+                ),
+                row("ola", ("OLA-VLM", "CLIP"), "", "51.3 74.2 69.4 54.3 39.5 57.9 56.6 57.6"),
+                row(
+                    "llava-convnext",
+                    ("LLaVA-1.5", "ConvNeXT"),
+                    f"{LLAVA} --vision-type convnext",
+                    "54.1 62.8 69.5 49.8 37.4 57.5 56.3 55.3",
+                ),
+                row(
+                    "ola-convnext",
+                    ("OLA-VLM", "ConvNeXT"),
+                    "--vision-type convnext",
+                    "57.4 71.5 66.8 52.8 38.5 55.0 59.0 57.3",
+                ),
+            ),
+        ),
+        Table(
+            "3",
+            "the layer sets D, S, G of the embedding losses (numbers for 32 layers, scaled to the tiny 8)",
+            ("D", "S", "G"),
+            SHORT,
+            tuple(
+                row(
+                    name,
+                    tuple("{" + ";".join(layers.split(",")) + "}" for layers in (d, s, g)),
+                    f"--layers depth={d} --layers seg={s} --layers gen={g}",
+                    paper,
+                )
+                for name, d, s, g, paper in (
+                    ("d18-s18-g20", "18", "18", "20", "58.9 60.9 37.9 52.6"),
+                    ("d20-s18-g20", "20", "18", "20", "57.6 60.8 38.8 52.4"),
+                    ("d8,14-s10,16-g12,18", "8,14", "10,16", "12,18", "56.5 56.4 38.8 50.6"),
+                    ("d8,20-s10,18-g12,20", "8,20", "10,18", "12,20", "58.6 64.2 39.5 54.1"),
+                    ("d18,20-s18,20-g16,20", "18,20", "18,20", "16,20", "55.8 59.5 40.8 52.0"),
+                    (
+                        "d16,18,20-s16,18,20-g16,18,20",
+                        "16,18,20",
+                        "16,18,20",
+                        "16,18,20",
+                        "56.8 61.3 37.0 51.7",
+                    ),
+                )
+            ),
+        ),
+        Table(
+            "4",
+            "the stages with embedding losses (PT, IFT)",
+            ("PT", "IFT"),
+            WITH_RWQA,
+            (
+                row("llava", ("single-encoder", ""), LLAVA, "56.0 61.0 38.8 57.8 53.4"),
+                row("ift", ("✗", "✓"), "--emb-losses ift", "57.7 62.9 38.8 57.5 54.2"),
+                row("pt", ("✓", "✗"), "--emb-losses pt", "58.6 64.2 39.5 57.9 55.1"),
+                row("pt+ift", ("✓", "✓"), "--emb-losses pt+ift", "59.1 58.3 38.3 56.2 53.0"),
+            ),
+        ),
+        Table(
+            "5",
+            "the number N_seek of special tokens per task",
+            ("N_seek",),
+            WITH_RWQA,
+            (
+                # Tab. 5 in < 15 min on 2 cores: 5 rows by default, --variants all adds these two
+                row("llava", "single-encoder", LLAVA, "56.0 61.0 38.8 57.8 53.4", default=False),
+                *(
+                    row(f"n{n}", str(n), f"--num-seek-tokens {n}", paper, default=n != 12)
+                    for n, paper in (
+                        (0, "56.1 62.0 40.1 56.3 53.6"),
+                        (4, "60.3 57.9 38.1 56.6 53.2"),
+                        (8, "58.6 64.2 39.5 57.9 55.1"),
+                        (12, "58.7 60.7 37.9 57.5 53.7"),
+                        (16, "56.6 63.6 37.1 54.5 52.9"),
+                        (24, "55.7 60.0 39.3 57.4 53.1"),
+                    )
+                ),
+            ),
+        ),
+        Table(
+            "6",
+            "the special tokens during IFT (dropped: not in the paper)",
+            ("<t> during IFT",),
+            WITH_RWQA,
+            (
+                row("frozen", "frozen", "--ift-tokens frozen", "58.6 64.2 39.5 57.9 55.1"),
+                row("learnable", "learnable", "--ift-tokens learnable", "56.9 56.1 39.0 57.3 52.3"),
+                row("none", "dropped", "--ift-tokens none", None),
+            ),
+        ),
+        Table(
+            "I",
+            "the key input of the embedding predictors",
+            ("key input",),
+            WITH_RWQA,
+            (
+                row("img+t", "<img>|<t>", "--key-input img+t", "53.0 54.6 38.4 56.7 50.7"),
+                row("sys+img+t", "<sys>|<img>|<t>", "--key-input sys+img+t", "58.7 63.0 38.8 57.4 54.5"),
+                row(
+                    "sys+img+t+txt",
+                    "<sys>|<img>|<t>|<txt>",
+                    "--key-input sys+img+t+txt",
+                    "58.6 64.2 39.5 57.9 55.1",
+                ),
+            ),
+        ),
+        Table(
+            "II",
+            "which embedding losses (teachers) are distilled",
+            ("mode",),
+            SHORT,
+            (
+                row("llava", "LLaVA-1.5", LLAVA, "56.0 61.0 38.8 51.9"),
+                *(
+                    row(tasks.replace(",", "+"), tasks.replace(",", " + "), f"--tasks {tasks}", paper)
+                    for tasks, paper in (
+                        ("depth", "58.6 63.5 38.8 53.6"),
+                        ("seg", "56.2 57.6 38.2 50.7"),
+                        ("gen", "56.2 65.8 39.3 53.8"),
+                        ("depth,seg", "58.6 61.8 38.6 53.0"),
+                        ("depth,gen", "53.6 61.8 38.8 51.4"),
+                        ("seg,gen", "54.2 60.2 39.3 51.2"),
+                        ("depth,seg,gen", "58.6 64.2 39.5 54.1"),
+                    )
+                ),
+            ),
+        ),
+        Table(
+            "III",
+            "the order of the special-token blocks after the image tokens",
+            ("<t> order",),
+            (*CVBENCH_TASKS, "Overall"),
+            (
+                row("llava", "LLaVA-1.5", LLAVA, "50.4 73.3 64.9 48.7 58.5"),
+                *(
+                    row(
+                        "-".join(order.split(",")),
+                        "|".join(f"<{t[0]}>" for t in order.split(",")),
+                        f"--token-order {order}",
+                        paper,
+                    )
+                    for order, paper in (
+                        ("depth,seg,gen", "49.4 68.7 69.2 56.2 59.9"),
+                        ("depth,gen,seg", "51.6 72.8 70.3 54.5 61.4"),
+                        ("seg,depth,gen", "48.7 71.3 65.2 52.5 58.5"),
+                        ("seg,gen,depth", "46.7 71.3 71.2 50.8 58.9"),
+                        ("gen,depth,seg", "51.3 74.2 69.4 54.3 61.4"),
+                        ("gen,seg,depth", "50.9 68.8 70.0 50.5 59.2"),
+                    )
+                ),
+            ),
+        ),
+        Table(
+            "IV",
+            "the weight λ of every embedding loss",
+            ("λ_depth", "λ_seg", "λ_gen"),
+            SHORT,
+            (
+                row("llava", ("LLaVA-1.5", "", ""), LLAVA, "56.0 61.0 38.8 51.9"),
+                *(
+                    row(
+                        f"w{w}",
+                        (w, w, w),
+                        " ".join(f"--task-weight {t}={w}" for t in ("depth", "seg", "gen")),
+                        paper,
+                    )
+                    for w, paper in (
+                        ("0.10", "60.5 61.3 38.3 53.4"),
+                        ("0.25", "56.3 59.4 37.1 50.9"),
+                        ("0.50", "58.6 64.2 39.5 54.1"),
+                        ("0.75", "57.9 59.4 37.6 51.6"),
+                        ("1.00", "55.8 61.7 38.1 51.9"),
+                    )
+                ),
+            ),
+        ),
+        Table(
+            "V",
+            "the terms of the embedding loss (contrastive only: not in the paper)",
+            ("L_sL1", "L_contrastive"),
+            SHORT,
+            (
+                row("sl1", ("✓", "✗"), "--contrastive-weight 0", "56.8 62.3 38.3 52.5"),
+                row("sl1+con", ("✓", "✓"), "", "58.6 64.2 39.5 54.1"),
+                row("con", ("✗", "✓"), "--sl1-weight 0", None),
+            ),
+        ),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class Budget:
+    """The epochs of PT and of IFT, passed to train.py --epochs; None: train.py's own tiny budget."""
+
+    pt: str | None
+    ift: str | None
+
+    def flags(self, stage: str) -> list[str]:
+        epochs = getattr(self, stage)
+        return [] if epochs is None else ["--epochs", epochs]
+
+    def __str__(self) -> str:
+        if self.pt is None:
+            return "train.py's own tiny budget (PT 6, IFT 8 epochs)"
+        return f"PT {self.pt} epochs, IFT {self.ift} epochs"
+
+
+def epochs_budget(text: str) -> Budget:
+    """--epochs: 'PT,IFT' or one number for both (positive epochs), or 'tiny' (train.py's own budget)."""
+    if text == "tiny":
+        return Budget(None, None)
+    parts = text.split(",")
+    try:
+        ok = len(parts) <= 2 and all(float(x) > 0 for x in parts)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected 'tiny', E or PT,IFT (positive epochs), got {text!r}")
+    return Budget(parts[0], parts[-1])
+
+
+def run_folder(out: Path, table: Table, variant: Variant, seed: int) -> Path:
+    return out / f"table{table.key}" / variant.name / f"seed{seed}"
+
+
+def relative(path: Path) -> Path:
+    """`path` (absolute) as the commands name it: relative to the repository when inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def commands(variant: Variant, folder: Path, seed: int, budget: Budget) -> list[list[str]]:
+    """The variant's commands (without the interpreter): train.py PT, train.py IFT from its checkpoint (as
+    at full scale, docs/reproduce.md: IFT takes the model's configuration from it and acts on --ift-tokens
+    and --emb-losses), eval.py's built-in QA."""
+    out = str(relative(folder))
+    common = [*variant.flags, "--seed", str(seed), "--out", out]
+    pt = ["train.py", "--stage", "pt", *common, *budget.flags("pt")]
+    ift = ["train.py", "--stage", "ift", "--init", f"{out}/pt/final", *common, *budget.flags("ift")]
+    return [pt, ift, ["eval.py", "qa", "--run", out]]
+
+
+def shell(command: list[str]) -> str:
+    return shlex.join(["python", *command])
+
+
+# ----------------------------------------------------------------------------- running
+def cached(folder: Path, cmds: list[list[str]]) -> dict | None:
+    """The run's result.json if it was made by exactly these commands."""
+    path = folder / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("commands") == cmds else None
+
+
+def stage_steps(folder: Path) -> dict[str, int]:
+    """Optimizer steps per stage, from each stage's metrics.jsonl."""
+    return {m.parent.name: len(m.read_text().splitlines()) for m in sorted(folder.glob("*/metrics.jsonl"))}
+
+
+def pt_layers(folder: Path) -> dict[str, list[int]]:
+    """The layers whose embedding losses PT trained, per task, read off its loss terms ('depth@2/sl1')."""
+    path = folder / "pt" / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    layers: dict[str, set[int]] = {}
+    for key in json.loads(path.read_text().splitlines()[0]):
+        task, at, rest = key.partition("@")
+        if at:
+            layers.setdefault(task, set()).add(int(rest.split("/")[0]))
+    return {task: sorted(found) for task, found in layers.items()}
+
+
+def run_variant(folder: Path, cmds: list[list[str]], force: bool) -> dict:
+    """Run (or reuse) one variant -> its result: the commands, seconds, steps, PT layers and QA metrics."""
+    if not force and (result := cached(folder, cmds)) is not None:
+        print(f"  cached   {relative(folder)}")
+        return result
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    t0 = time.time()
+    with open(folder / "log.txt", "w") as log:
+        for command in cmds:
+            log.write(f"$ {shell(command)}\n")
+            log.flush()
+            done = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                tail = "\n".join((folder / "log.txt").read_text().splitlines()[-15:])
+                raise RuntimeError(
+                    f"{shell(command)} exited with {done.returncode}; the end of its log:\n{tail}"
+                )
+    summary = json.loads((folder / "eval" / "qa" / "summary.json").read_text())["metrics"]
+    result = {
+        "commands": cmds,
+        "seconds": round(time.time() - t0, 1),
+        "steps": stage_steps(folder),
+        "pt_layers": pt_layers(folder),
+        "qa": summary,
+    }
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"  {result['seconds']:6.0f} s  {relative(folder)}: QA {100 * summary['accuracy']:.1f} %")
+    return result
+
+
+# ----------------------------------------------------------------------------- the table
+def cell(values: list[float]) -> str:
+    """Percent, mean ± sample standard deviation over seeds."""
+    if not values:
+        return "failed"
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def qa_tasks(results: dict[str, list[dict]]) -> list[str]:
+    """The built-in QA's tasks found in the results, in Tab. 1's order (any others after it)."""
+    found = {task for runs in results.values() for r in runs for task in r["qa"]["tasks"]}
+    rank = {task: i for i, task in enumerate(TASK_ORDER)}
+    return sorted(found, key=lambda task: (rank.get(task, len(rank)), task))
+
+
+def qa_columns(runs: list[dict], tasks: list[str]) -> dict[str, list[float]]:
+    """The built-in QA per task and overall, one value per seed that finished."""
+    columns = {task: [r["qa"]["tasks"][task] for r in runs if task in r["qa"]["tasks"]] for task in tasks}
+    columns["overall"] = [r["qa"]["accuracy"] for r in runs]
+    return columns
+
+
+def render(table: Table, variants: list[Variant], results: dict[str, list[dict]], show_layers: bool) -> str:
+    """A markdown table in the paper's layout: its label columns, the built-in QA (%), the paper's last
+    column for reference (and the layers the tiny PT trained, for Tab. 3)."""
+    tasks = qa_tasks(results)
+    header = [*table.label_columns, *(f"{t} (QA)" for t in tasks), "overall (QA)", "unparsed"]
+    header.append(f"paper {table.paper_columns[-1]}")
+    if show_layers:
+        header.append("tiny layers D / S / G")
+    rows = [header]
+    for v in variants:
+        done = results.get(v.name, [])
+        cells = [*v.label, *(cell(values) for values in qa_columns(done, tasks).values())]
+        cells.append(f"{statistics.fmean(r['qa']['unparsed'] for r in done):g}" if done else "")
+        cells.append("—" if v.paper is None else f"{v.paper[-1]:.1f}")
+        if show_layers:
+            layers = done[0]["pt_layers"] if done else {}
+            cells.append(" / ".join(",".join(map(str, layers.get(t, []))) for t in ("depth", "seg", "gen")))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def budget_note(budget: Budget, results: dict[str, list[dict]], seeds: list[int]) -> str:
+    """What every row was trained with: the budget, the optimizer steps per stage, the seeds."""
+    steps = sorted(
+        {" / ".join(f"{k} {n}" for k, n in r["steps"].items()) for rs in results.values() for r in rs}
+    )
+    return f"budget: {budget} (steps: {'; '.join(steps) or '-'}); seeds {seeds}"
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=list(TABLES), help="the paper's table (App. tables I-V)")
+    p.add_argument(
+        "--epochs",
+        default=DEFAULT_EPOCHS,
+        type=epochs_budget,
+        help=f"epochs of PT,IFT (or one number for both), passed to train.py --epochs (default "
+        f"{DEFAULT_EPOCHS}: Tab. 5 in < 15 min on 2 cores); 'tiny' = train.py's own tiny budget (PT 6, IFT 8 "
+        "epochs, ≈3 min per run)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
+    p.add_argument(
+        "--variants", help="comma list of variant names, or 'all' (default: every row, but two of Tab. 5)"
+    )
+    p.add_argument("--out", type=Path, default=OUT, help=f"output root (default {OUT})")
+    p.add_argument("--force", action="store_true", help="rerun variants whose result.json exists")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    args.out = (Path.cwd() / args.out).resolve()  # the commands run in the repository
+    table = TABLES[args.table]
+    names = [v.name for v in table.variants]
+    if args.variants == "all":
+        args.variants = names
+    elif args.variants:
+        args.variants = args.variants.split(",")
+    else:
+        args.variants = [v.name for v in table.variants if v.default]
+    if unknown := sorted(set(args.variants) - set(names)):
+        p.error(f"--variants: unknown {unknown}; table {table.key} has {names}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    table = TABLES[args.table]
+    variants = [v for v in table.variants if v.name in args.variants]
+    plan = [(v, seed, run_folder(args.out, table, v, seed)) for v in variants for seed in args.seeds]
+    print(f"Table {table.key}: {table.varies}; {len(variants)} variants x {len(args.seeds)} seed(s)")
+    if args.dry_run:
+        for v, seed, folder in plan:
+            print(f"# {v.name}, seed {seed}")
+            for command in commands(v, folder, seed, args.epochs):
+                print(shell(command))
+        return
+    t0 = time.time()
+    results: dict[str, list[dict]] = {}
+    failed = []
+    for v, seed, folder in plan:
+        try:
+            results.setdefault(v.name, []).append(
+                run_variant(folder, commands(v, folder, seed, args.epochs), args.force)
+            )
+        except RuntimeError as e:
+            failed.append(v.name)
+            print(f"  FAILED   {relative(folder)}: {e}")
+    wall = time.time() - t0
+    markdown = render(table, variants, results, show_layers=table.key == "3")
+    note = budget_note(args.epochs, results, args.seeds)
+    title = (
+        f"Table {table.key} at the tiny scale: {table.varies}. Built-in held-out QA accuracy (%), "
+        f"{len(args.seeds)} seed(s); paper: {', '.join(table.paper_columns)} (docs/reproduce.md)."
+    )
+    skipped = [v.name for v in table.variants if v not in variants]
+    if skipped:
+        note += f"; rows not run: {', '.join(skipped)} (--variants all)"
+    load = os.getloadavg()[0]
+    note += f"; wall time {wall:.0f} s on {os.cpu_count()} cores (load average {load:.1f} at the end)"
+    text = f"{title}\n\n{markdown}\n\n{note}"
+    print("\n" + text)
+    folder = args.out / f"table{table.key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.md").write_text(text + "\n")
+    record = {
+        "table": table.key,
+        "varies": table.varies,
+        "budget": {"pt_epochs": args.epochs.pt, "ift_epochs": args.epochs.ift},
+        "seeds": args.seeds,
+        "wall_seconds": round(wall, 1),
+        "variants": {
+            v.name: {"label": list(v.label), "paper": v.paper, "runs": results.get(v.name, [])}
+            for v in variants
+        },
+    }
+    (folder / "results.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {relative(folder / 'results.md')} and {relative(folder / 'results.json')}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see their log.txt)")
+
+
+if __name__ == "__main__":
+    main()

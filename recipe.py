@@ -1,0 +1,195 @@
+r"""The training recipe and train.py's command line: the paper's per-stage hyper-parameters (Sec. 5.1), the
+presets, and every ablation knob of the paper as a flag with the paper's default and the table it belongs
+to (docs/design.md §5; docs/reproduce.md maps each table row to its command)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from encoders import VISION_TOWERS
+from ola import MODES, OLAConfig
+from predictors import KEY_INPUTS
+from tasks import TASKS, add_teacher_args, teacher_paths
+
+# Paper recipe per stage (Sec. 5.1): learning rate, global batch, image view, what a checkpoint stores (the
+# predictors only where the stage has them: PT, or IFT with --emb-losses pt+ift).
+STAGES = {
+    "pt": dict(lr=1e-3, batch_size=256, view="crop", stored=("projector", "inputs", "tokens", "predictors")),
+    "vpt": dict(
+        lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "inputs", "tokens", "predictors")
+    ),
+    "ift": dict(
+        lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "inputs", "tokens", "predictors")
+    ),
+}
+# The built-in tiny model trains in minutes on a CPU: its own (larger) learning rates and batches.
+TINY = dict(
+    pt=dict(lr=2e-3, batch_size=16, epochs=6),
+    vpt=dict(lr=1e-3, batch_size=16, epochs=6),
+    ift=dict(lr=1e-3, batch_size=16, epochs=8),
+)
+PRESETS = {"tiny": "llama3", "llama3-8b": "llama3", "phi3-mini": "phi3"}  # preset -> chat template (Sec. 5.1)
+IFT_TOKENS = ("frozen", "learnable", "none")  # the special tokens during IFT (Tab. 6)
+EMB_LOSSES = {
+    "pt": ("pt",),
+    "ift": ("ift",),
+    "pt+ift": ("pt", "ift"),
+}  # stages with embedding losses (Tab. 4)
+
+
+def task_values(items: list[str] | None, flag: str, parse, error) -> dict:
+    """{task: value} from repeated TASK=VALUE flags (e.g. --layers depth=8,20)."""
+    out = {}
+    for item in items or []:
+        task, sep, value = item.partition("=")
+        if not sep or task not in TASKS:
+            error(f"{flag} {item!r}: expected TASK=VALUE with TASK one of {list(TASKS)}")
+        try:
+            out[task] = parse(value)
+        except ValueError:
+            error(f"{flag} {item!r}: cannot read the value {value!r}")
+    return out
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument(
+        "--stage", default=None, help="pt, vpt, ift or a comma list run in order (tiny default: pt,ift)"
+    )
+    p.add_argument("--llm", help="LLM weight folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--vision", help="base encoder folder: CLIP ViT-L/14-336 or open_clip ConvNeXt-XXL")
+    p.add_argument(
+        "--vision-type", choices=sorted(VISION_TOWERS), help="base encoder kind (default: detected; Tab. 2)"
+    )
+    add_teacher_args(p)
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in --llm)")
+    p.add_argument("--init", help="OLA checkpoint to start from (IFT/VPT start from PT's final)")
+    p.add_argument("--data", help="LLaVA .json/.jsonl records (default: built-in data)")
+    p.add_argument("--image-folder", help="folder the records' image paths are relative to")
+    p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    p.add_argument("--batch-size", type=int, help="global batch (default: the stage's, Sec. 5.1)")
+    p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (default: all of it)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--epochs", type=float, help="passes over the data (default 1; tiny 6)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-length", type=int, help="token budget per sample (default 4096; tiny 512)")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per stage")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per decoder block)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more samples are bad")
+    p.add_argument("--seed", type=int, default=0)
+
+    d = OLAConfig()  # the paper's defaults
+    k = p.add_argument_group("model and ablation knobs (the paper's defaults; docs/reproduce.md)")
+    k.add_argument(
+        "--mode",
+        default="ola",
+        choices=("llava", *MODES),
+        help="ola; llava = the LLaVA-1.5 baseline (no tasks); feat-concat / token-concat = the teachers' "
+        "features as input (Tab. 1)",
+    )
+    k.add_argument("--tasks", default=",".join(d.tasks), help="distilled tasks, comma list (App. Tab. II)")
+    k.add_argument(
+        "--layers",
+        action="append",
+        metavar="TASK=L1,L2",
+        help="a task's layer set, 1-based, for a 32-layer LLM (Tab. 3; default "
+        + " ".join(f"{t}={','.join(map(str, task.layers))}" for t, task in TASKS.items())
+        + ")",
+    )
+    k.add_argument(
+        "--task-weight",
+        action="append",
+        metavar="TASK=X",
+        help=f"λ of a task's embedding loss (App. Tab. IV; default {d.task_weight('depth')})",
+    )
+    k.add_argument("--sl1-weight", type=float, default=d.sl1_weight, help="λ_sL1 (App. Tab. V; 0 = off)")
+    k.add_argument(
+        "--contrastive-weight", type=float, default=d.contrastive_weight, help="λ_con (App. Tab. V; 0 = off)"
+    )
+    k.add_argument(
+        "--num-seek-tokens", type=int, default=d.num_seek_tokens, help="N_seek per task (Tab. 5; 0 = none)"
+    )
+    k.add_argument("--token-order", help="order of the <t> blocks, comma list (App. Tab. III; gen,depth,seg)")
+    k.add_argument(
+        "--key-input", default=d.key_input, choices=list(KEY_INPUTS), help="predictor keys (App. Tab. I)"
+    )
+    k.add_argument(
+        "--ift-tokens", default="frozen", choices=IFT_TOKENS, help="special tokens during IFT (Tab. 6)"
+    )
+    k.add_argument(
+        "--emb-losses", default="pt", choices=list(EMB_LOSSES), help="stages with embedding losses (Tab. 4)"
+    )
+    args = p.parse_args(argv)
+
+    args.stages = (args.stage or ("pt,ift" if args.preset == "tiny" else "pt")).split(",")
+    for stage in args.stages:
+        if stage not in STAGES:
+            p.error(f"unknown stage {stage!r}: expected pt, vpt or ift")
+    args.tasks = () if args.mode == "llava" else comma_list(args.tasks)
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        p.error(f"--tasks: unknown task(s) {unknown}; expected some of {list(TASKS)}")
+    args.layer_sets = task_values(
+        args.layers, "--layers", lambda v: tuple(int(x) for x in v.split(",")), p.error
+    )
+    args.task_weights = task_values(args.task_weight, "--task-weight", float, p.error)
+    args.emb_stages = EMB_LOSSES[args.emb_losses] if args.mode in ("ola", "llava") else ()
+    args.teachers = teacher_paths(args, p.error)
+    try:
+        args.ola = ola_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.preset != "tiny":
+        check_real_inputs(args, p.error)
+    args.out = Path(args.out or f"runs/{args.preset}")
+    args.max_length = args.max_length or (512 if args.preset == "tiny" else 4096)
+    return args
+
+
+def ola_config(args: argparse.Namespace) -> OLAConfig:
+    """The model's configuration from the flags (OLAConfig checks it)."""
+    return OLAConfig(
+        tasks=args.tasks,
+        mode="ola" if args.mode == "llava" else args.mode,
+        layer_sets=args.layer_sets,
+        num_seek_tokens=args.num_seek_tokens,
+        token_order=comma_list(args.token_order) if args.token_order else None,
+        task_weights=args.task_weights,
+        sl1_weight=args.sl1_weight,
+        contrastive_weight=args.contrastive_weight,
+        key_input=args.key_input,
+    )
+
+
+def needs_teachers(args: argparse.Namespace) -> bool:
+    """Teachers run when a stage of the run has embedding losses, or always for the concat baselines."""
+    return bool(args.tasks) and (args.mode != "ola" or bool(set(args.emb_stages) & set(args.stages)))
+
+
+def check_real_inputs(args: argparse.Namespace, error) -> None:
+    """A real preset needs its weights and data; a stage with teachers needs one per task and no other."""
+    missing = [f"--{name}" for name in ("llm", "vision") if getattr(args, name) is None and not args.init]
+    if needs_teachers(args):
+        missing += [f"--teacher {t}=PATH" for t in args.tasks if t not in args.teachers]
+    if args.data is None:
+        missing.append("--data")
+    if missing:
+        error(f"--preset {args.preset} needs {', '.join(missing)} (see README: downloading the weights)")
+    extra = sorted(set(args.teachers) - set(args.tasks))
+    if extra:
+        error(f"teachers given for {extra}, which --tasks {','.join(args.tasks)} does not distill")
