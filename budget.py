@@ -8,7 +8,7 @@ from __future__ import annotations
 # Llama-3-8B(-Instruct) (docs/design.md §8)
 H, LAYERS, MLP, HEADS, KV_HEADS, VOCAB = 4096, 32, 14336, 32, 8, 128256
 HKV = H // HEADS * KV_HEADS  # 1024: the width of k and of v
-IMAGE, SPECIAL, SYS = 576, 24, 38  # image tokens, <g>|<d>|<s> × 8 (Tab. III), Llama-3 tokens before the image
+IMAGE, SEEK, SYS = 576, 24, 38  # image tokens, <g>|<d>|<s> × 8 (Tab. III), Llama-3 tokens before the image
 # (width, MLP, blocks run, tokens): CLIP-L/14-336 (penultimate block: 23 of 24), DINOv2-L/14 at 336 px,
 # CLIP-H/14 at 224 px (unCLIP's image encoder)
 CLIP_L, DINO_L, CLIP_H = (1024, 4096, 23, 577), (1024, 4096, 24, 577), (1280, 5120, 32, 257)
@@ -50,7 +50,7 @@ def predictor_flops(tokens: int) -> float:
     """Forward FLOPs of every PT predictor (single-layer Perceiver resampler, 4 heads × 32)."""
     total = 0.0
     for width, q, c in PREDICTORS.values():
-        keys = tokens - SPECIAL + 8 + q  # its keys: <sys>|<img>|own <t>|<txt>, plus the latents
+        keys = tokens - SEEK + 8 + q  # its keys: <sys>|<img>|own <t>|<txt>, plus the latents
         total += (
             2 * keys * H * width + 2 * keys * width * 256 + 4 * q * keys * 128
         )  # proj_in, to_kv, attention
@@ -60,7 +60,7 @@ def predictor_flops(tokens: int) -> float:
 
 def flops_per_sample() -> dict[str, float]:
     """FLOPs of one sample: PT (ours: logits at the labels; theirs: at every position), IFT."""
-    t_pt, t_ift = SYS + IMAGE + SPECIAL + PT_TEXT, SYS + IMAGE + SPECIAL + IFT_TEXT
+    t_pt, t_ift = SYS + IMAGE + SEEK + PT_TEXT, SYS + IMAGE + SEEK + IFT_TEXT
     teachers = vit_flops(*DINO_L) + swin_flops() + vit_flops(*CLIP_H)
     projector = 2 * IMAGE * (1024 * H + H * H)
     frozen_llm = 2 * llm_flops(t_pt, PT_LABELS)  # frozen: backward = input gradients only (about 1× forward)
@@ -88,7 +88,7 @@ def memory_gb(stage: str, checkpointing: bool, fsdp: bool) -> dict[str, float]:
     if stage == "pt":
         trained = 2 * 1024 * H + 2 * IMAGE * H + 8 * H + 157.4e6  # projector, Q_depth, Q_seg, <g>, predictors
         states = (2 * (llm + clip) + 16 * trained) / shard + 2 * teachers
-        micro, tokens, labels = PT_MICRO, SYS + IMAGE + SPECIAL + PT_TEXT, PT_LABELS
+        micro, tokens, labels = PT_MICRO, SYS + IMAGE + SEEK + PT_TEXT, PT_LABELS
         per_token_layer = (
             12 * H + 4 * HKV + 6 * MLP
         )  # frozen: norm inputs, q k v o of the attention, MLP acts
@@ -98,7 +98,7 @@ def memory_gb(stage: str, checkpointing: bool, fsdp: bool) -> dict[str, float]:
         )
     else:
         states = (16 * llm + 2 * clip) / shard
-        micro, tokens, labels = IFT_MICRO, SYS + IMAGE + SPECIAL + IFT_TEXT, IFT_LABELS
+        micro, tokens, labels = IFT_MICRO, SYS + IMAGE + SEEK + IFT_TEXT, IFT_LABELS
         per_token_layer = 32 * H + 4 * HKV + 8 * MLP  # + the bf16 inputs of every trained Linear
         block_input = 4 * H  # fp32 residual stream
         predictors = 0
@@ -141,8 +141,8 @@ def estimate_table(mfu: float) -> str:
                 lines.append(f"| {name} | {m['states']:.1f} | {m['activations']:.1f} | {m['total']:.1f} |")
     lines += [
         "",
-        f"Assumptions: PT samples = {SYS} + {IMAGE} + {SPECIAL} + {PT_TEXT} tokens ({PT_LABELS} labelled), "
-        f"IFT samples = {SYS} + {IMAGE} + {SPECIAL} + {IFT_TEXT} tokens ({IFT_LABELS} labelled); micro-batch "
+        f"Assumptions: PT samples = {SYS} + {IMAGE} + {SEEK} + {PT_TEXT} tokens ({PT_LABELS} labelled), "
+        f"IFT samples = {SYS} + {IMAGE} + {SEEK} + {IFT_TEXT} tokens ({IFT_LABELS} labelled); micro-batch "
         f"{PT_MICRO} (PT, global 256) and {IFT_MICRO} (IFT, global 128) on {GPUS} GPUs; {PEAK / 1e12:.0f} "
         "TFLOP/s dense bf16 per H100; frozen backward = 1× forward, trained = 2×; bf16 autocast with fp32 "
         "master weights (16 B per trained parameter), frozen weights and teachers in bf16; FlashAttention "
