@@ -7,6 +7,7 @@ paper's numbers.
     python experiments.py --table III --dry-run     # print the commands only
     python experiments.py --table IV --seeds 0 1 2  # mean ± sample std over seeds
     python experiments.py --table 1 --epochs tiny   # train.py's own tiny budget (≈3 min per run)
+    python experiments.py --demo                    # demo.py: LLaVA-1.5 vs OLA-VLM, probes + QA, 3 seeds
 
 Each run goes to runs/experiments/table<N>/<variant>/seed<S>: train.py's stages, log.txt (the output of its
 three commands) and result.json; a run whose result.json holds the same commands is not run again (--force
@@ -124,6 +125,21 @@ def pt_layers(folder: Path) -> dict[str, list[int]]:
     return {task: sorted(found) for task, found in layers.items()}
 
 
+def run_logged(cmds: list[list[str]], path: Path) -> None:
+    """Run the commands in the repository one after the other, their output into `path`; raise
+    RuntimeError with the end of the log if one fails."""
+    with open(path, "w") as log:
+        for command in cmds:
+            log.write(f"$ {shell(command)}\n")
+            log.flush()
+            done = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                tail = "\n".join(path.read_text().splitlines()[-15:])
+                raise RuntimeError(
+                    f"{shell(command)} exited with {done.returncode}; the end of its log:\n{tail}"
+                )
+
+
 def run_variant(folder: Path, cmds: list[list[str]], force: bool) -> dict:
     """Run (or reuse) one variant -> its result: the commands, seconds, steps, PT layers and QA metrics."""
     if not force and (result := cached(folder, cmds)) is not None:
@@ -132,16 +148,7 @@ def run_variant(folder: Path, cmds: list[list[str]], force: bool) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     t0 = time.time()
-    with open(folder / "log.txt", "w") as log:
-        for command in cmds:
-            log.write(f"$ {shell(command)}\n")
-            log.flush()
-            done = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            if done.returncode != 0:
-                tail = "\n".join((folder / "log.txt").read_text().splitlines()[-15:])
-                raise RuntimeError(
-                    f"{shell(command)} exited with {done.returncode}; the end of its log:\n{tail}"
-                )
+    run_logged(cmds, folder / "log.txt")
     summary = json.loads((folder / "eval" / "qa" / "summary.json").read_text())["metrics"]
     result = {
         "commands": cmds,
@@ -302,4 +309,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--demo"]:  # python experiments.py --demo [demo.py's flags]
+        import demo
+
+        demo.main(sys.argv[2:])
+    else:
+        main()

@@ -57,11 +57,20 @@ def seg_picture(seg: Image.Image, size: int, mean: tuple[float, ...], std: tuple
 MAP_PICTURES = {"depth": depth_picture, "seg": seg_picture}  # what a map-reading teacher sees
 
 
+def empty_picture(kind: str, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """What a map-reading teacher sees for a scene without shapes: depth the wall everywhere (a uniform map),
+    seg background everywhere. -> (3, size, size)"""
+    if kind == "depth":
+        return depth_picture(Image.new("F", (size, size), 1.0), size, mean, std)
+    return seg_picture(Image.new("I", (size, size), 0), size, mean, std)
+
+
 class Teacher(nn.Module):
     """A frozen encoder, always in eval mode: `preprocess` (square view -> pixels at `input_size`), `forward`
-    (pixels -> target (B, N, C)), `probe_target` (the probing target, Sec. 3: the same unless overridden).
-    `reads` is what it encodes: "image" (every real teacher), or a map of the record, "depth" or "seg"
-    (the tiny teachers of the built-in world; docs/design.md §9)."""
+    (pixels -> target (B, N, C)), `probe_target` (the probing target, Sec. 3). Subclasses define `features`
+    (and `probe_features` where the probing target differs). `reads` is what it encodes: "image" (every real
+    teacher: targets are its features), or a map of the record, "depth" or "seg" (the tiny teachers of the
+    built-in world: targets are its features minus those of the empty scene's map; docs/design.md §9)."""
 
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
@@ -73,6 +82,10 @@ class Teacher(nn.Module):
         self.encoder = encoder
         self.input_size = input_size
         self.reads = reads
+        if reads != "image":  # non-persistent: rebuilt from `reads`, never stored in a checkpoint
+            self.register_buffer(
+                "empty", empty_picture(reads, input_size, self.mean, self.std), persistent=False
+            )
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> Teacher:
@@ -98,8 +111,22 @@ class Teacher(nn.Module):
             )
         return MAP_PICTURES[self.reads](maps[self.reads], self.input_size, self.mean, self.std)
 
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._minus_empty(self.features, pixels)
+
     def probe_target(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self(pixels)
+        return self._minus_empty(self.probe_features, pixels)
+
+    def probe_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features(pixels)
+
+    def _minus_empty(self, encode, pixels: torch.Tensor) -> torch.Tensor:
+        """encode(pixels) for an image reader; for a map reader, minus encode(the empty scene's map), in one
+        batch: what the map shows beyond the wall that fills most of every scene (docs/design.md §9)."""
+        if self.reads == "image":
+            return encode(pixels)
+        out = encode(torch.cat([pixels, self.empty[None].to(pixels)]))  # (B + 1, N, C)
+        return out[:-1] - out[-1:]
 
 
 class DepthTeacher(Teacher):
@@ -120,12 +147,11 @@ class DepthTeacher(Teacher):
     def dim(self) -> int:
         return self.encoder.config.hidden_size
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self.encoder.intermediate_layers(pixels, list(self.blocks))).mean(
-            0
-        )  # (B, N, 1024)
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        blocks = self.encoder.intermediate_layers(pixels, list(self.blocks))
+        return torch.stack(blocks).mean(0)  # (B, N, 1024)
 
-    def probe_target(self, pixels: torch.Tensor) -> torch.Tensor:
+    def probe_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The probes regress the LAST block's normed patch tokens (Sec. 3; docs/design.md §7)."""
         return self.encoder.intermediate_layers(pixels, [-1])[0]
 
@@ -148,7 +174,7 @@ class SegTeacher(Teacher):
     def dim(self) -> int:
         return self.encoder.dim
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder(pixels)  # (B, N, 1536)
 
     @classmethod
@@ -174,7 +200,7 @@ class GenTeacher(Teacher):
     def dim(self) -> int:
         return self.encoder.config.projection_dim
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder.image_embeds(pixels)[:, None]  # (B, 1, 1024)
 
     @classmethod

@@ -199,3 +199,22 @@ def test_real_size_shapes_on_meta():
 
     assert count(teachers.teachers["gen"]) == pytest.approx(632e6, rel=0.01)  # docs/design.md §8
     assert count(teachers.teachers["seg"]) == pytest.approx(195e6, rel=0.02)
+
+
+def test_map_targets_are_relative_to_the_empty_scene():
+    """A map reader's target is its features minus those of a scene without shapes (design §9): zero for a
+    wall-only scene, and the features' difference otherwise; image readers return their features."""
+    teachers = tiny_teachers(tuple(TASKS), grid=8, seed=0)
+    img = square_view(photo(128, 128), "crop")
+
+    def wall_only(depth, seg):
+        depth[:], seg[:] = 7.0, 0  # any uniform depth draws the same picture as the 10 m wall
+
+    empty = {k: v[None] for k, v in teachers.preprocess(img, scene_maps(128, wall_only)).items()}
+    px = {k: v[None] for k, v in teachers.preprocess(img, scene_maps(128)).items()}
+    for task in ("depth", "seg"):
+        teacher = teachers.teachers[task]
+        assert teachers(empty)[task].abs().max() < 1e-5
+        expected = teacher.features(px[task]) - teacher.features(empty[task])
+        assert maxdiff(teachers(px)[task], expected) < 1e-5
+    assert torch.equal(teachers(px)["gen"], teachers.teachers["gen"].features(px["gen"]))
