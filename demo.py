@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ablations import TABLES
@@ -183,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"epochs of PT,IFT for both models (default {DEFAULT_EPOCHS}, as experiments.py)",
     )
     p.add_argument("--probe-stage", choices=("pt", "ift"), default="pt", help="the checkpoints probed")
+    p.add_argument(
+        "--serial", dest="parallel", action="store_false", help="train the two models one after the other"
+    )
     p.add_argument("--probe-images", type=int, help="cap the probe's train and val images (default: all)")
     p.add_argument("--out", type=Path, default=OUT, help=f"output root (default {OUT})")
     p.add_argument("--force", action="store_true", help="rerun what is on disk")
@@ -211,8 +215,15 @@ def main(argv=None) -> None:
             )
             continue
         print(f"seed {seed}")
-        for name in MODELS:
-            runs[name].append(run_variant(folders[name], plan[name], args.force))
+        # the two models side by side, one CPU thread each (tiny matrices: two processes beat two threads)
+        threads = 1 if args.parallel else None
+        with ThreadPoolExecutor(len(MODELS) if args.parallel else 1) as pool:
+            done = {
+                name: pool.submit(run_variant, folders[name], plan[name], args.force, threads)
+                for name in MODELS
+            }
+        for name, future in done.items():
+            runs[name].append(future.result())
         probes.append(run_probe(probe_out, probe, args.force))
     if args.dry_run:
         return

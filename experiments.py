@@ -125,14 +125,18 @@ def pt_layers(folder: Path) -> dict[str, list[int]]:
     return {task: sorted(found) for task, found in layers.items()}
 
 
-def run_logged(cmds: list[list[str]], path: Path) -> None:
-    """Run the commands in the repository one after the other, their output into `path`; raise
-    RuntimeError with the end of the log if one fails."""
+def run_logged(cmds: list[list[str]], path: Path, threads: int | None = None) -> None:
+    """Run the commands in the repository one after the other, their output into `path` (`threads`: each
+    process's CPU threads, OMP_NUM_THREADS; default torch's); raise RuntimeError with the end of the log if
+    one fails."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(path, "w") as log:
         for command in cmds:
             log.write(f"$ {shell(command)}\n")
             log.flush()
-            done = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(
+                [sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
             if done.returncode != 0:
                 tail = "\n".join(path.read_text().splitlines()[-15:])
                 raise RuntimeError(
@@ -140,7 +144,7 @@ def run_logged(cmds: list[list[str]], path: Path) -> None:
                 )
 
 
-def run_variant(folder: Path, cmds: list[list[str]], force: bool) -> dict:
+def run_variant(folder: Path, cmds: list[list[str]], force: bool, threads: int | None = None) -> dict:
     """Run (or reuse) one variant -> its result: the commands, seconds, steps, PT layers and QA metrics."""
     if not force and (result := cached(folder, cmds)) is not None:
         print(f"  cached   {relative(folder)}")
@@ -148,7 +152,7 @@ def run_variant(folder: Path, cmds: list[list[str]], force: bool) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     t0 = time.time()
-    run_logged(cmds, folder / "log.txt")
+    run_logged(cmds, folder / "log.txt", threads)
     summary = json.loads((folder / "eval" / "qa" / "summary.json").read_text())["metrics"]
     result = {
         "commands": cmds,

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from encoders import CLIPVision, CLIPVisionConfig, DINOv2, DINOv2Config
@@ -70,7 +71,8 @@ class Teacher(nn.Module):
     (pixels -> target (B, N, C)), `probe_target` (the probing target, Sec. 3). Subclasses define `features`
     (and `probe_features` where the probing target differs). `reads` is what it encodes: "image" (every real
     teacher: targets are its features), or a map of the record, "depth" or "seg" (the tiny teachers of the
-    built-in world: targets are its features minus those of the empty scene's map; docs/design.md §9)."""
+    built-in world: targets are its features minus those of the empty scene's map, normed per token;
+    docs/design.md §9)."""
 
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
@@ -121,12 +123,14 @@ class Teacher(nn.Module):
         return self.features(pixels)
 
     def _minus_empty(self, encode, pixels: torch.Tensor) -> torch.Tensor:
-        """encode(pixels) for an image reader; for a map reader, minus encode(the empty scene's map), in one
-        batch: what the map shows beyond the wall that fills most of every scene (docs/design.md §9)."""
+        """encode(pixels) for an image reader; for a map reader, minus encode(the empty scene's map) (one
+        batch), layer-normed per token like a real teacher's normed features: what the map shows beyond the
+        wall that fills most of every scene (docs/design.md §9)."""
         if self.reads == "image":
             return encode(pixels)
         out = encode(torch.cat([pixels, self.empty[None].to(pixels)]))  # (B + 1, N, C)
-        return out[:-1] - out[-1:]
+        relative = out[:-1] - out[-1:]
+        return F.layer_norm(relative, relative.shape[-1:])  # (B, N, C)
 
 
 class DepthTeacher(Teacher):

@@ -202,8 +202,8 @@ def test_real_size_shapes_on_meta():
 
 
 def test_map_targets_are_relative_to_the_empty_scene():
-    """A map reader's target is its features minus those of a scene without shapes (design §9): zero for a
-    wall-only scene, and the features' difference otherwise; image readers return their features."""
+    """A map reader's target is its features minus those of a scene without shapes, normalised per token
+    (design §9): zero for a wall-only scene; image readers return their features."""
     teachers = tiny_teachers(tuple(TASKS), grid=8, seed=0)
     img = square_view(photo(128, 128), "crop")
 
@@ -215,6 +215,9 @@ def test_map_targets_are_relative_to_the_empty_scene():
     for task in ("depth", "seg"):
         teacher = teachers.teachers[task]
         assert teachers(empty)[task].abs().max() < 1e-5
-        expected = teacher.features(px[task]) - teacher.features(empty[task])
+        relative = teacher.features(px[task]) - teacher.features(empty[task])
+        expected = torch.nn.functional.layer_norm(
+            relative, relative.shape[-1:]
+        )  # per token, as normed features
         assert maxdiff(teachers(px)[task], expected) < 1e-5
     assert torch.equal(teachers(px)["gen"], teachers.teachers["gen"].features(px["gen"]))
