@@ -26,7 +26,16 @@ from benchmarks import BENCHMARKS, Benchmark, open_image, report_table
 from chat import ChatTokenizer
 from checkpoint import last_complete
 from cli import user_errors
-from inference import BUILTIN, DEFAULT_RUN, answer, chat, device_and_dtype, image_inputs, load_model
+from inference import (
+    BUILTIN,
+    DEFAULT_RUN,
+    PRECISIONS,
+    answer,
+    chat,
+    device_and_dtype,
+    image_inputs,
+    load_model,
+)
 from ola import OLAVLM
 from preprocess import square_view
 from scoring import normalize_answer, parse_choice, vqa_accuracy
@@ -127,6 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     common.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
     common.add_argument("--out", help="output folder / file (default: next to the checkpoint)")
+    common.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="the model's weights (auto: bf16 on a GPU, else fp32)",
+    )
     for name, what in BENCHMARK_HELP.items():
         s = sub.add_parser(name, parents=[common], help=what)
         s.add_argument("--data", required=name != "qa", help="the benchmark's file or folder")
@@ -169,7 +184,7 @@ def main(argv=None) -> None:
     if args.command == "report":
         print(report_table(collect_summaries(args.folders), paper=args.paper))
         return
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(args.dtype)
     with_predictors = args.command == "show"
     model, tok = load_model(
         args.model, args.tokenizer, with_predictors=with_predictors, device=device, dtype=dtype

@@ -4,6 +4,7 @@ the square view of an image, batched greedy (or sampled) answers with left paddi
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from itertools import takewhile
 from pathlib import Path
 
@@ -21,10 +22,30 @@ BUILTIN = Path("data_cache/builtin")  # the built-in data (and tokenizer) train.
 
 
 # ----------------------------------------------------------------------------- loading
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+PRECISIONS = ("auto", "fp32", "bf16")  # --dtype of train.py, probe.py, eval.py
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype of the frozen weights and of autocast (docs/design.md §6): 'bf16', 'fp32', or 'auto' = bf16
+    on a GPU, fp32 on a CPU. Trained weights stay fp32 (master weights) whatever it is."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--dtype: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """cuda when there is one, else cpu, and its compute dtype."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, compute_dtype(device, precision)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast when the compute dtype is bf16 (on a CPU too: AMX), else nothing."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def load_model(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -41,7 +40,16 @@ import shapes
 from chat import ChatTokenizer
 from checkpoint import last_complete
 from cli import user_errors
-from inference import BUILTIN, DEFAULT_RUN, device_and_dtype, image_pixels, load_model, prompt_ids
+from inference import (
+    BUILTIN,
+    DEFAULT_RUN,
+    PRECISIONS,
+    autocast,
+    device_and_dtype,
+    image_pixels,
+    load_model,
+    prompt_ids,
+)
 from losses import cosine
 from resampler import PerceiverResampler
 from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
@@ -75,10 +83,6 @@ class ProbeBatch:
 
 
 # ----------------------------------------------------------------------------- the probes
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 class Probes(nn.Module):
     """P_task^l for every task and every layer l: PerceiverResampler(H -> C -> C) with N own queries,
     where (N, C) is the task's target shape (docs/design.md §7: depth/seg 576 queries, gen 1; dim = out)."""
@@ -109,7 +113,7 @@ class Probes(nn.Module):
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> dict:
         """-> {(task, layer): prediction (B, N, C)}"""
-        with autocast(key_mask.device):
+        with autocast(key_mask.device, hidden_states[-1].dtype):  # bf16 hidden states: a bf16 MLLM
             return {
                 (t, layer): self.heads[t][str(layer)](hidden_states[layer].float(), key_mask=key_mask)
                 for t in self.tasks
@@ -237,7 +241,7 @@ class MLLMFeatures:
             fed = None  # a multi-encoder baseline (Tab. 1) takes its teachers' pixels as input too
             if self.model.teachers is not None:
                 fed = {t: pixels_on_device[t] for t in self.model.cfg.tasks}
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, self.model.projector[0].weight.dtype):
                 out = self.model(
                     ids,
                     torch.ones_like(ids, dtype=torch.bool),
@@ -296,6 +300,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="default 2, as Sec. 3 (tiny: 3)")
     p.add_argument("--lr", type=float, help="default 1e-3 (tiny: 1e-2)")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="the MLLM's weights and autocast (auto: bf16 on a GPU)",
+    )
     p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
     p.add_argument("--out", help="output folder (default <run>/probe)")
     args = p.parse_args(argv)
@@ -331,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(args.dtype)
     teachers = None  # built with the first checkpoint, sized for its base encoder's grid
     if args.coco_captions:
         train_paths = coco_images(args.coco_captions, args.coco_images)

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from encoders import VISION_TOWERS
+from inference import PRECISIONS
 from ola import MODES, OLAConfig
 from predictors import KEY_INPUTS
 from tasks import TASKS, add_teacher_args, teacher_paths
@@ -89,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per decoder block)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="frozen weights and autocast: bf16 (trained weights stay fp32), fp32, or auto = bf16 on a GPU, "
+        "fp32 on a CPU",
+    )
     p.add_argument(
         "--num-workers",
         type=int,

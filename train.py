@@ -17,7 +17,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from checkpoint import load_tensors_only, read_json, write_folder
 from cli import user_errors
 from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
 from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
+from inference import autocast, compute_dtype
 from llm import LLM, LLMConfig
 from ola import OLAVLM, OLAConfig, set_trainable
 from recipe import PRESETS, STAGES, TINY, parse_args
@@ -173,8 +173,7 @@ class Run:
 def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> Run:
     """Data, teachers, model, optimizer and schedule of one stage (weights of a --resume checkpoint loaded
     before sharding, the optimizer state after)."""
-    cuda = device.type == "cuda"
-    frozen = torch.bfloat16 if cuda else torch.float32  # frozen weights are bf16 on GPUs (docs/design.md §6)
+    frozen = compute_dtype(device, args.dtype)  # frozen weights: bf16 on GPUs by default (docs/design.md §6)
     hp = {**STAGES[stage], **(TINY[stage] if args.preset == "tiny" else {})}
     lr = hp["lr"] if args.lr is None else args.lr
     batch_size = args.batch_size or hp["batch_size"]
@@ -359,13 +358,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def train_step(run: Run, batches, args, device: torch.device, world: int) -> tuple[dict[str, float], int]:
     """One optimizer step over `accum` micro-batches -> (the mean of every loss term, samples seen)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    mixed = autocast(device, compute_dtype(device, args.dtype))
     terms_sum: dict[str, float] = {}
     seen = 0
     for micro_step in range(run.accum):
         batch = to_device(next(batches), device)
         last = micro_step == run.accum - 1
-        with sync_context(run.wrapped, args, last), autocast:
+        with sync_context(run.wrapped, args, last), mixed:
             # every rank computes the embedding losses every step (they all-gather), images or not
             targets = run.teachers(batch["target_images"]) if run.teachers is not None else None
             fed = batch["target_images"] if run.model.teachers is not None else None  # concat baselines
