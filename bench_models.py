@@ -5,7 +5,6 @@ it (docs/design.md §11). Like the tests, this file may import transformers; run
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from encoders import CLIPVision, DINOv2
+from inference import autocast, compute_dtype
 from llm import LLM
 from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OLAVLM, OLAConfig, set_trainable
 from predictors import EmbeddingPredictors, SeekTokens
@@ -28,9 +28,8 @@ def dtypes(a) -> tuple[torch.dtype, torch.device, object]:
     """(frozen weights' dtype, device, autocast factory): bf16 = frozen weights bf16, trained ones fp32 under
     autocast (docs/design.md §6), on both sides."""
     device = torch.device(a.device)
-    if a.dtype == "fp32":
-        return torch.float32, device, nullcontext
-    return torch.bfloat16, device, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    frozen = compute_dtype(device, a.dtype)
+    return frozen, device, lambda: autocast(device, frozen)
 
 
 def transformers():

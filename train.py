@@ -167,6 +167,7 @@ class Run:
     total: int  # optimizer steps of the stage
     accum: int  # micro-batches per optimizer step
     folder: Path
+    dtype: torch.dtype  # frozen weights and autocast (--dtype)
     step: int = 0
 
 
@@ -233,7 +234,9 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     warmup = max(1, round(args.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
     folder = args.out / stage
-    run = Run(stage, model, wrapped, teachers, dataset, loader, optimizer, scheduler, total, accum, folder)
+    run = Run(
+        stage, model, wrapped, teachers, dataset, loader, optimizer, scheduler, total, accum, folder, frozen
+    )
     if checkpoint is not None:
         resume(run, checkpoint, args, rank)
     return run
@@ -358,7 +361,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def train_step(run: Run, batches, args, device: torch.device, world: int) -> tuple[dict[str, float], int]:
     """One optimizer step over `accum` micro-batches -> (the mean of every loss term, samples seen)."""
-    mixed = autocast(device, compute_dtype(device, args.dtype))
+    mixed = autocast(device, run.dtype)
     terms_sum: dict[str, float] = {}
     seen = 0
     for micro_step in range(run.accum):
