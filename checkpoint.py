@@ -1,20 +1,24 @@
 """Checkpoint I/O shared by every loader: finding a folder's weight files, reading them (safetensors,
 sharded safetensors, or `pytorch_model.bin` without unpickling code), strict loading with errors that
-name each key, key tables from our names to a checkpoint's, and atomic folder writes (docs/design.md §12)."""
+name each key, key tables from our names to a checkpoint's (both ways: the miniature's parts are written in
+the official layouts), and atomic folder writes (docs/design.md §12)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 # Buffers that old checkpoint files carry but that we recompute: skipped by name (docs/design.md §8).
 SKIPPED_BUFFERS = ("position_ids", "relative_position_index", "rotary_emb.inv_freq")
@@ -185,6 +189,20 @@ def load_with_table(
     return load_strict(module, state, path, names).to(dtype).eval()
 
 
+def save_with_table(
+    module: nn.Module, folder: str | os.PathLike, rules: list[tuple[str, str]], config: dict, prefix: str = ""
+) -> None:
+    """Write `module` as an official checkpoint folder, the inverse of load_with_table: config.json (the
+    official config) and model.safetensors with each of our keys renamed by the table, atomically."""
+    state = {prefix + rename(k, rules): v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    write_folder(Path(folder), write)
+
+
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     """Write `folder` atomically: `write(tmp)` fills a temporary sibling, which then replaces `folder` in one
     rename. If writing fails (a full disk), the temporary folder is removed and an existing `folder` is left
@@ -198,6 +216,48 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"could not write {folder}: {e.strerror or e}; nothing there was replaced") from None
     replace_folder(tmp, folder)
+
+
+def build_once(root: Path, config: dict, build: Callable[[Path], None], what: str = "built-in data") -> dict:
+    """Make `root` a complete build of `config`, once, and return its manifest. A folder whose manifest.json
+    records the same config is reused; otherwise `build(tmp)` fills a temporary sibling, manifest.json adds
+    the config, a SHA-256 of every file and one `hash` over them, and the folder replaces `root` in one
+    rename (of two concurrent builders, the first to finish wins). A folder without a manifest is not ours:
+    refused."""
+    manifest = root / "manifest.json"
+    config = json.loads(json.dumps(config))  # as the manifest will hold it (tuples are lists)
+    if manifest.is_file():
+        recorded = read_json(manifest)
+        if recorded.get("config") == config:
+            return recorded
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists and is not a {what} folder (no manifest.json): move it away")
+    print(f"building the {what} in {root} (once) ...", file=sys.stderr, flush=True)
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        files = {
+            str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        recorded = {"config": config, "hash": digest, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(recorded, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = root.with_name(f"{root.name}.old{os.getpid()}")
+    if root.exists():  # built with other settings: replaced
+        root.rename(old)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    return read_json(manifest)
 
 
 def last_complete(stage: Path) -> Path:

@@ -1,7 +1,6 @@
 """LLaVA-style training data (Sec. 5.1; docs/design.md §5): records -> samples (ids, labels, the base
-encoder's pixels, the teachers' pixels of the same square view, made from the image or from the record's
-optional depth / segmentation maps), bad records skipped and counted, and a loader that resumes exactly at
-a batch and gives 2 ranks × b the batches of 1 rank × 2b."""
+encoder's pixels, the teachers' pixels of the same square view), bad records skipped and counted, and a
+loader that resumes exactly at a batch and gives 2 ranks × b the batches of 1 rank × 2b."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
@@ -20,12 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from chat import ChatTokenizer
 from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from preprocess import VIEWS, center_crop_square, clip_preprocess, square_view
+from preprocess import VIEWS, clip_preprocess, square_view
 
 log = logging.getLogger(__name__)
-# Optional per-pixel maps a record may name: files in the image folder (docs/design.md §9).
-MAPS = ("depth", "seg")
-MM_PER_METRE = 1000  # a depth map is a 16-bit PNG of millimetres, 0 = no depth (as NYU-v2 stores them)
 
 
 # ----------------------------------------------------------------------------- records and samples
@@ -57,33 +52,6 @@ def read_records(path: str | os.PathLike) -> list:
     return records
 
 
-def maps_beside(image: str | os.PathLike, view: str) -> dict[str, Image.Image] | None:
-    """The true maps the built-in world writes beside an image (`<stem>_depth.png`, `<stem>_seg.png`;
-    docs/design.md §9) in the square view, for callers that hold an image path, not a record; None if none."""
-    image = Path(image)
-    files = {kind: image.with_name(f"{image.stem}_{kind}.png") for kind in MAPS}
-    return {kind: read_map(file, kind, view) for kind, file in files.items() if file.is_file()} or None
-
-
-def read_map(path: str | os.PathLike, kind: str, view: str) -> Image.Image:
-    """A map file in the square view of its image (the same crop, or padding with 0: no depth, background):
-    depth as mode 'F' in metres, seg as mode 'I' segment ids. Raises OSError / ValueError if unreadable."""
-    with Image.open(path) as img:
-        values = np.asarray(img)
-    if values.ndim != 2:
-        raise ValueError(f"a {kind} map has one channel, {path} has shape {values.shape}")
-    if kind == "depth":
-        img = Image.fromarray(values.astype(np.float32) / MM_PER_METRE)  # mode F
-    else:
-        img = Image.fromarray(values.astype(np.int32))  # mode I
-    if view == "crop":
-        return center_crop_square(img)
-    side = max(img.size)
-    square = Image.new(img.mode, (side, side), 0)  # placed as preprocess.pad_to_square places the image
-    square.paste(img, ((side - img.size[0]) // 2, (side - img.size[1]) // 2))
-    return square
-
-
 class BadSample(Exception):
     """A record that cannot be used (malformed, unreadable image, too long): skipped and counted."""
 
@@ -96,16 +64,15 @@ class LLaVADataset(Dataset):
     """LLaVA records (558K, ALLaVA, 665K incl. multi-turn and text-only) -> training samples, lazily.
 
     view: 'crop' (PT) or 'pad' (VPT/IFT), the square view of the base encoder and the teachers
-    (docs/design.md §2). `target_preprocess(square, maps)` makes the teachers' pixels from that view and
-    the record's maps in it ({"depth", "seg"}: those it names, read by `read_map`; docs/design.md §9). A
-    sample is {"id", "input_ids" (T,), "labels" (T,), "image" (3, S, S) | None,
-    "targets" {task: (3, s, s)} | None, "skipped"}. `image_preprocess` turns the view into the base
-    encoder's pixels (default: CLIP's at image_size). The placeholder becomes `image_seq_len` positions in
-    the model (image + special tokens); a sequence past `max_length` positions is cut at the end, never
-    through the placeholder. A bad record is logged and replaced by the next good one (i+1, ...), so batches
-    keep their size on every rank; the skipped reads (sample["skipped"]) are counted in the main process by
-    `count_bad`, which stops the run above `max_bad_fraction` (over >= 100 reads, exactly at the end of a
-    pass). A LabelMismatchError is a bug, not bad data: it always stops the run.
+    (docs/design.md §2); `target_preprocess(square)` makes the teachers' pixels from that view. A sample is
+    {"id", "input_ids" (T,), "labels" (T,), "image" (3, S, S) | None, "targets" {task: (3, s, s)} | None,
+    "skipped"}. `image_preprocess` turns the view into the base encoder's pixels (default: CLIP's at
+    image_size). The placeholder becomes `image_seq_len` positions in the model (image + special tokens); a
+    sequence past `max_length` positions is cut at the end, never through the placeholder. A bad record is
+    logged and replaced by the next good one (i+1, ...), so batches keep their size on every rank; the
+    skipped reads (sample["skipped"]) are counted in the main process by `count_bad`, which stops the run
+    above `max_bad_fraction` (over >= 100 reads, exactly at the end of a pass). A LabelMismatchError is a
+    bug, not bad data: it always stops the run.
     """
 
     def __init__(
@@ -189,7 +156,6 @@ class LLaVADataset(Dataset):
             path = self.image_folder / file
             try:
                 with Image.open(path) as img:
-                    size = img.size
                     square = square_view(img.convert("RGB"), self.view)
             except (
                 OSError,
@@ -199,7 +165,7 @@ class LLaVADataset(Dataset):
                 raise BadSample(f"cannot read image {path}: {e}") from None
             image = self.image_preprocess(square)  # (3, S, S)
             if self.target_preprocess:
-                targets = self.target_preprocess(square, self.load_maps(record, size))
+                targets = self.target_preprocess(square)
         return {
             "id": sid,
             "input_ids": torch.tensor(ids),
@@ -207,26 +173,6 @@ class LLaVADataset(Dataset):
             "image": image,
             "targets": targets,
         }
-
-    def load_maps(self, record: dict, size: tuple[int, int]) -> dict[str, Image.Image]:
-        """The maps the record names, in its square view; raises BadSample."""
-        maps = {}
-        for kind in MAPS:
-            if kind not in record:
-                continue
-            if not isinstance(record[kind], str):
-                raise BadSample(
-                    f"{kind!r} must be a path relative to {self.image_folder}, got {record[kind]!r:.60}"
-                )
-            path = self.image_folder / record[kind]
-            try:
-                with Image.open(path) as img:
-                    if img.size != size:
-                        raise BadSample(f"{kind} map {path} is {img.size}, its image {size}")
-                maps[kind] = read_map(path, kind, self.view)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise BadSample(f"cannot read {kind} map {path}: {e}") from None
-        return maps
 
     def count_bad(self, skipped: list[tuple[str, str]], n_good: int, final: bool = False) -> None:
         """Count a batch's skipped reads (main process) and stop the run above max_bad_fraction."""

@@ -9,10 +9,10 @@ layer by layer (Fig. 3) and scored on the built-in held-out QA (Tab. 1's CV-Benc
 
 Per seed, each model runs experiments.py's commands (train.py PT, train.py IFT from its checkpoint, eval.py
 qa; Tab. 1's rows "llava" and "ola") into runs/demo/<model>/seed<S>, and probe.py probes both checkpoints
-of the probed stage with that seed's tiny teachers into runs/demo/probe/seed<S>. A run whose result is on
+of the probed stage against the miniature's teachers into runs/demo/probe/seed<S>. A run whose result is on
 disk from the same commands is reused (--force reruns). Writes runs/demo/demo.{png,json,md}: the probe
 cosine per layer (mean and min-max over seeds, the layers OLA-VLM's PT supervises marked) and the QA per
-task, mean ± sample std over seeds. docs/design.md §9 says what the tiny teachers encode; the README shows
+task, mean ± sample std over seeds. docs/design.md §9 says what each pretrained part knows; the README shows
 the numbers and what they do and do not show.
 """
 
@@ -46,8 +46,8 @@ OUT = Path("runs/demo")
 def probe_command(
     folders: dict[str, Path], stage: str, seed: int, out: Path, images: int | None = None
 ) -> list[str]:
-    """probe.py on each model's `stage` checkpoint, the tiny teachers of `seed` (those the models trained
-    with: train.py seeds them with --seed); `images` caps the probe's train and val images."""
+    """probe.py on each model's `stage` checkpoint against the miniature's teachers (those PT distilled), the
+    probes seeded by `seed`; `images` caps the probe's train and val images."""
     models = [f"{relative(folder)}/{stage}/final" for folder in folders.values()]
     labels = [MODELS[name] for name in folders]
     cap = [] if images is None else ["--max-train-images", str(images), "--max-val-images", str(images)]

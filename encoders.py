@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import config_json, load_with_table
+from checkpoint import config_json, load_with_table, save_with_table
 from convnext import ConvNeXt, ConvNeXtConfig
 from preprocess import clip_preprocess
 
@@ -252,6 +252,26 @@ class CLIPVision(nn.Module):
 
         return load_with_table(model, path, CLIP_KEYS, keep, dtype)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a Hub CLIPVisionModel(WithProjection) folder that from_pretrained and transformers read."""
+        c = self.config
+        config = {
+            "architectures": ["CLIPVisionModelWithProjection" if c.projection_dim else "CLIPVisionModel"],
+            "model_type": "clip_vision_model",
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "num_channels": 3,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "hidden_act": c.hidden_act,
+            "layer_norm_eps": c.layer_norm_eps,
+        }
+        if c.projection_dim:
+            config["projection_dim"] = c.projection_dim
+        save_with_table(self, folder, CLIP_KEYS, config)
+
 
 # --------------------------------------------------------------------------- DINOv2 (depth teacher)
 @dataclass
@@ -396,6 +416,30 @@ class DINOv2(nn.Module):
             return not key.startswith(DEPTH_ANYTHING_HEADS)
 
         return load_with_table(model, path, DINOV2_KEYS, keep, dtype, prefix)
+
+    def save_pretrained(self, folder: str | os.PathLike, out_indices: tuple[int, ...] | None = None) -> None:
+        """Write a Hub Dinov2 folder that from_pretrained (and transformers) reads; `out_indices` (1-based
+        hidden states, as a Depth Anything config) name the blocks a depth teacher averages."""
+        c = self.config
+        if c.num_register_tokens:
+            raise ValueError("save_pretrained writes DINOv2 without registers only")
+        config = {
+            "architectures": ["Dinov2Model"],
+            "model_type": "dinov2",
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "num_channels": 3,
+            "hidden_size": c.hidden_size,
+            "mlp_ratio": c.intermediate_size / c.hidden_size,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "hidden_act": "gelu",
+            "layer_norm_eps": c.layer_norm_eps,
+            "use_swiglu_ffn": False,
+        }
+        if out_indices:
+            config["out_indices"] = list(out_indices)
+        save_with_table(self, folder, DINOV2_KEYS, config)
 
 
 # --------------------------------------------------------------------------- base encoders (vision towers)

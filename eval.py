@@ -20,14 +20,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import data
+import miniature
 import shapes
 from benchmarks import BENCHMARKS, Benchmark, open_image, report_table
 from chat import ChatTokenizer
 from checkpoint import last_complete
 from cli import user_errors
 from inference import (
-    BUILTIN,
     DEFAULT_RUN,
     PRECISIONS,
     answer,
@@ -62,13 +61,7 @@ def run_benchmark(
         chunk = rows[start : start + batch_size]
         # the inference view: the image padded to a square (docs/design.md §2)
         squares = [square_view(open_image(row), "pad") for row in chunk]
-        maps = None  # the concat baselines' tiny teachers read the built-in world's true maps (§9)
-        if model.teachers is not None:
-            maps = [
-                data.maps_beside(row["image"], "pad") if isinstance(row["image"], str) else None
-                for row in chunk
-            ]
-        images, fed = image_inputs(model, squares, maps)
+        images, fed = image_inputs(model, squares)
         outputs = answer(
             model, tok, [row["prompt"] for row in chunk], images, max_new_tokens, teacher_images=fed
         )
@@ -160,8 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = sub.add_parser("show", parents=[common], help="PCA pictures of the PT predictors' depth/seg features")
     s.add_argument("--image", required=True)
     s.add_argument("--prompt", default=shapes.PT_PROMPTS[0])
-    add_teacher_args(s)  # default: train.py's tiny random teachers
-    s.add_argument("--seed", type=int, default=0, help="the tiny teachers' seed (train.py --seed)")
+    add_teacher_args(s)  # default: the miniature's teachers
     args = p.parse_args(argv)
     if args.command == "report":
         return args
@@ -192,7 +184,7 @@ def main(argv=None) -> None:
     if args.command in BENCHMARK_HELP:
         name = "builtin" if args.command == "qa" else args.command
         if args.command == "qa" and not args.data:
-            builtin = shapes.builtin_dataset(BUILTIN)
+            builtin = miniature.builtin()
             args.data, args.images = builtin["qa_val"], args.images or builtin["images"]
         benchmark = BENCHMARKS[name]
         rows = benchmark.read(args.data, args.images)[: args.limit]
@@ -207,9 +199,8 @@ def main(argv=None) -> None:
     else:
         from pictures import predicted_features, show  # matplotlib only when a picture is asked for
 
-        teachers = make_teachers(args.teachers, model.cfg.tasks, model.vision.grid, args.seed, dtype).to(
-            device
-        )
+        paths = args.teachers or miniature.teacher_folders(model.cfg.tasks)
+        teachers = make_teachers(paths, model.cfg.tasks, model.vision.grid, dtype).to(device)
         square, features = predicted_features(model, tok, teachers, args.image, args.prompt)
         show(square, features, args.out)
         print(f"wrote {args.out}")

@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
-import shapes
+import miniature
 from chat import ChatTokenizer
 from ola import OLAVLM
 from preprocess import square_view
 
 DEFAULT_RUN = Path("runs/tiny")  # where `python train.py` writes
-BUILTIN = Path("data_cache/builtin")  # the built-in data (and tokenizer) train.py uses
 
 
 # ----------------------------------------------------------------------------- loading
@@ -78,7 +77,7 @@ def load_model(
             f"of its LLM, e.g. Phi-3-mini-4k-instruct's)"
         )
     else:
-        path = Path(shapes.builtin_dataset(BUILTIN)["tokenizer"])
+        path = Path(miniature.builtin()["tokenizer"])
     tok = ChatTokenizer(path, "phi3" if model.llm.config.model_type == "phi3" else "llama3")
     if tok.vocab_size > model.llm.config.vocab_size:
         raise ValueError(
@@ -103,17 +102,13 @@ def image_pixels(path: str | Path, tower, view: str = "pad") -> tuple[Image.Imag
     return square, tower.preprocess(square)
 
 
-def image_inputs(
-    model: OLAVLM, squares: list[Image.Image], maps: list[dict | None] | None = None
-) -> tuple[list[torch.Tensor], list[dict] | None]:
+def image_inputs(model: OLAVLM, squares: list[Image.Image]) -> tuple[list[torch.Tensor], list[dict] | None]:
     """The base encoder's pixels of each square view, and the teachers' pixels of the multi-encoder
-    baselines that take their features as input (Tab. 1; None for OLA-VLM and LLaVA-1.5). `maps`: the true
-    maps of each view, for the built-in world's tiny teachers (data.maps_beside; docs/design.md §9)."""
+    baselines that take their features as input (Tab. 1; None for OLA-VLM and LLaVA-1.5)."""
     images = [model.vision.preprocess(square) for square in squares]
     if model.teachers is None:
         return images, None
-    maps = maps or [None] * len(squares)
-    return images, [model.teachers.preprocess(square, m) for square, m in zip(squares, maps)]
+    return images, [model.teachers.preprocess(square) for square in squares]
 
 
 # ----------------------------------------------------------------------------- answers

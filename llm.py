@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import load_strict, read_state_dict
+from checkpoint import load_strict, read_state_dict, save_with_table
 from generate import KVCache, generate, sample
 
 __all__ = ["LLM", "LLMConfig", "KVCache", "sample"]
@@ -428,3 +428,33 @@ class LLM(nn.Module):
                 )
             state.update(zip(ours, t.split(sizes)))
         return load_strict(model, state, path, names).eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a Hub LlamaForCausalLM folder (config.json + model.safetensors) that from_pretrained (and
+        transformers) reads; the tokenizer is the caller's to add."""
+        c = self.config
+        if c.model_type != "llama":
+            raise ValueError(f"save_pretrained writes the Llama layout, not {c.model_type!r}")
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": c.rope_theta,
+            "rope_scaling": {"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None,
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "max_position_embeddings": c.max_position_embeddings,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": list(c.eos_token_ids),
+            "pad_token_id": c.pad_token_id,
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        save_with_table(self, folder, [(ours, hf[0]) for ours, hf in HF_KEYS.items()], config)

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import data
 import shapes
 from chat import ChatTokenizer
 from inference import image_pixels, prompt_ids
@@ -34,8 +33,7 @@ def predicted_features(
         )
     square, pixels = image_pixels(image, model.vision, view="crop")
     device = model.projector[0].weight.device
-    maps = data.maps_beside(image, "crop")  # the tiny teachers read the true maps (docs/design.md §9)
-    targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square, maps).items()})
+    targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square).items()})
     ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
     out = model(
         ids,

@@ -36,12 +36,11 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import data
-import shapes
+import miniature
 from chat import ChatTokenizer
 from checkpoint import last_complete
 from cli import user_errors
 from inference import (
-    BUILTIN,
     DEFAULT_RUN,
     PRECISIONS,
     autocast,
@@ -52,9 +51,9 @@ from inference import (
 )
 from losses import cosine
 from resampler import PerceiverResampler
+from schedule import warmup_cosine
 from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
 from teachers import TargetEncoders
-from train import cosine_schedule
 
 PROMPT = "Describe the image in two lines."  # the probing prompt (Sec. 3), empty answer
 # The tiny run (570 built-in images, random teachers) gets more steps and a larger learning rate,
@@ -127,8 +126,7 @@ def train_probes(probes: Probes, batches, cfg: ProbeConfig) -> dict[str, torch.T
     over the first epoch: the trivial "predict the average" probe that evaluate() compares against."""
     optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     total = cfg.epochs * len(batches)
-    warmup = max(1, round(cfg.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
+    scheduler = warmup_cosine(optimizer, total, cfg.warmup_ratio)
     sums, count = {}, 0
     probes.train()
     bar = tqdm(total=total, desc="probe train", dynamic_ncols=True)
@@ -197,8 +195,7 @@ def load_views(paths: list[Path], tower, teachers: TargetEncoders):
     """Image paths -> base-encoder pixels (B, 3, S, S) and teacher pixels {task: (B, 3, s, s)} of the same
     square view: padded, the view of inference (docs/design.md §2), for PT and IFT checkpoints alike."""
     views = [image_pixels(p, tower, view="pad") for p in paths]
-    maps = [data.maps_beside(p, "pad") for p in paths]  # the tiny teachers read the true maps (§9)
-    pixels = [teachers.preprocess(sq, m) for (sq, _), m in zip(views, maps)]
+    pixels = [teachers.preprocess(square) for square, _ in views]
     return torch.stack([x for _, x in views]), default_collate(pixels)
 
 
@@ -288,7 +285,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--labels", nargs="+", help="one legend label per checkpoint (default: PT, IFT / folder names)"
     )
     p.add_argument("--tokenizer", help="tokenizer.json (default: the LLM folder's, or the built-in one)")
-    add_teacher_args(p)  # default: train.py's tiny random teachers
+    add_teacher_args(p)  # default: the miniature's teachers
     p.add_argument("--coco-captions", help="captions_train2017.json (default: the built-in images)")
     p.add_argument("--coco-images", help="train2017/ image folder")
     p.add_argument("--coco-val-captions", help="captions_val2017.json")
@@ -306,7 +303,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="the MLLM's weights and autocast (auto: bf16 on a GPU)",
     )
-    p.add_argument("--seed", type=int, default=0, help="probe init / shuffling, and the tiny teachers' seed")
+    p.add_argument("--seed", type=int, default=0, help="probe init and shuffling")
     p.add_argument("--out", help="output folder (default <run>/probe)")
     args = p.parse_args(argv)
     args.teachers = teacher_paths(args, p.error)
@@ -347,7 +344,7 @@ def main(argv=None) -> None:
         train_paths = coco_images(args.coco_captions, args.coco_images)
         val_paths = coco_images(args.coco_val_captions, args.coco_val_images)
     else:
-        builtin = shapes.builtin_dataset(BUILTIN)
+        builtin = miniature.builtin()
         train_paths, val_paths = builtin_images(builtin, "train"), builtin_images(builtin, "val")
     train_paths, val_paths = train_paths[: args.max_train_images], val_paths[: args.max_val_images]
     cfg = ProbeConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs)
@@ -364,9 +361,8 @@ def main(argv=None) -> None:
                 f"{folder} takes the {list(model.cfg.tasks)} teachers as input: probe those tasks"
             )
         if teachers is None:
-            teachers = make_teachers(
-                args.teachers, tuple(args.tasks), model.vision.grid, args.seed, dtype
-            ).to(device)
+            paths = args.teachers or miniature.teacher_folders(args.tasks)
+            teachers = make_teachers(paths, tuple(args.tasks), model.vision.grid, dtype).to(device)
         torch.manual_seed(args.seed)
         features = partial(
             MLLMFeatures,

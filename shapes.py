@@ -1,16 +1,16 @@
-"""The built-in shapes world (docs/design.md §9): Pillow-drawn scenes of 1-4 coloured shapes floating at
-distinct depths in front of a plain background, written once in the LLaVA layouts so `python train.py` needs
-no download: PT captions (558K-like), IFT multi-turn QA with 10% text-only records (665K-like), a held-out
-split of the four CV-Bench tasks (Count, Depth, Relation, Distance) with balanced answer letters, and a
-tiny tokenizer trained on all of the text. Every image has its true depth map and segmentation map beside
-it, rendered from the same rasterisation, and every image record names them and describes its scene."""
+"""The built-in shapes world (docs/design.md §9): Pillow-drawn scenes of 1-4 coloured shapes standing at
+distinct depths on a floor that recedes to a plain wall at the horizon, written once in the LLaVA layouts so
+`python train.py` needs no download: PT captions (558K-like), IFT multi-turn QA with 10% text-only records
+(665K-like), a held-out split of the four CV-Bench tasks (Count, Depth, Relation, Distance) with balanced
+answer letters, and a tiny tokenizer trained on the training text. Every image has its true depth map and
+segmentation map beside it, rendered from the same rasterisation, and every image record names them and
+describes its scene."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from chat import IMAGE_TOKEN, TEMPLATES, train_tokenizer
-from data import MM_PER_METRE
+from checkpoint import build_once
 
 COLORS = {
     "red": (220, 40, 40),
@@ -30,8 +30,10 @@ COLORS = {
     "purple": (140, 60, 180),
     "orange": (245, 140, 30),
 }
-BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle", "diamond")  # segmentation classes 1..4 (0 = background)
+BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "black": (15, 15, 15)}  # the wall
+FLOORS = {"brown": (125, 85, 50), "beige": (205, 185, 150), "slate": (70, 90, 115)}
+SHAPES = ("circle", "square", "triangle", "diamond")  # segmentation classes 1..4 (0 = the wall)
+FLOOR_SEGMENT = 50  # the floor's id in the segmentation map: class 5, as COCO's "floor" stuff class
 SIDES = {
     "circle": "A circle has no corners.",
     "square": "A square has four sides.",
@@ -51,11 +53,15 @@ PT_PROMPTS = (
 MC_SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
 MC_TASKS = ("Count", "Depth", "Relation", "Distance")  # CV-Bench's four tasks (Tab. 1)
 IMAGE_SIZE = 128
-FAR = 10.0  # metres: the background wall; shapes float at distinct depths in 1, 1.5, ..., 9 m
-FOG = 0.6  # aerial perspective, the visible depth cue: a shape at depth d is FOG·d/FAR background colour
+FAR = 10.0  # metres: the background wall, met by the floor at the horizon; shapes at 1, 1.5, ..., 9 m
+NEAR = 1.0  # metres: the floor at the bottom row of the image
+HORIZON = (0.3, 0.65)  # the horizon's row, as a fraction of the image height (the camera's tilt)
+FOG = 0.6  # aerial perspective: what is at depth d is mixed with FOG·d/FAR of the wall colour
 MIN_VISIBLE = 0.6  # every shape keeps this fraction of its pixels in view, so it can be counted
 DEPTH_MARGIN = 1.5  # metres: Depth questions compare shapes at least this far apart
 MARGIN = 12  # pixels: Relation and Distance questions compare positions at least this far apart
+MM_PER_METRE = 1000  # depth maps are 16-bit PNGs of millimetres, 0 = no depth (as NYU-v2 stores them)
+WORLD_VERSION = 4  # bumped when the records or images change: a cached world is then rebuilt
 
 
 @dataclass
@@ -77,9 +83,8 @@ class Shape:
         return self.x - h, self.y - h, self.x + h, self.y + h
 
     def rgb(self, background: tuple[int, int, int]) -> tuple[int, int, int]:
-        """Its colour seen through the fog: farther shapes fade into the background."""
-        f = FOG * self.depth / FAR
-        return tuple(round((1 - f) * c + f * b) for c, b in zip(COLORS[self.color], background))
+        """Its colour seen through the fog: farther shapes fade into the wall colour."""
+        return fogged(COLORS[self.color], background, self.depth)
 
     def where(self) -> str:
         col = ("left", "center", "right")[min(2, int(self.x * 3 / IMAGE_SIZE))]
@@ -91,8 +96,29 @@ class Shape:
 
 @dataclass
 class Scene:
-    background: str
+    background: str  # the wall's colour
     shapes: list[Shape]  # far to near: the painting order
+    floor: str = "brown"
+    horizon: float = IMAGE_SIZE / 2  # the row (pixels from the top) where the floor meets the wall
+
+
+def fogged(color, background, depth):
+    """A colour at `depth` metres seen through the fog (FOG·depth/FAR of the wall colour)."""
+    f = FOG * depth / FAR
+    return tuple(round((1 - f) * c + f * b) for c, b in zip(color, background))
+
+
+def floor_depth(row: np.ndarray, horizon: float) -> np.ndarray:
+    """Depth of the floor at pixel rows `row` (centres row + 0.5): a ground plane seen by a level camera,
+    so inverse depth falls linearly from 1/NEAR at the bottom edge to 1/FAR at the horizon (the wall
+    above it)."""
+    t = (row + 0.5 - horizon) / (IMAGE_SIZE - horizon)
+    return np.where(t > 0, 1 / (1 / FAR + t * (1 / NEAR - 1 / FAR)), FAR)
+
+
+def floor_row(depth: float, horizon: float) -> float:
+    """The image row where the floor is `depth` metres away: where a shape at that depth stands."""
+    return horizon + (IMAGE_SIZE - horizon) * (1 / depth - 1 / FAR) / (1 / NEAR - 1 / FAR)
 
 
 def _mask(s: Shape) -> np.ndarray:
@@ -119,18 +145,24 @@ def _owners(masks: list[np.ndarray]) -> np.ndarray:
     return owner
 
 
-def _scene(rng: random.Random) -> Scene:
-    """A background and 1-4 shapes of distinct colours (so "the red X" is unique) at distinct depths, each
-    at least MIN_VISIBLE in view; segment ids number each class's instances from left to right."""
+def random_scene(rng: random.Random) -> Scene:
+    """A wall and floor colour, a horizon, and 1-4 shapes of distinct colours (so "the red X" is unique) at
+    distinct depths, each standing on the floor where it is that far away (nearer shapes lower in the
+    image, as in a photograph) and at least MIN_VISIBLE in view; segment ids number each class's instances
+    from left to right."""
     n = rng.randint(1, 4)
     colors = rng.sample(list(COLORS), n)
     background = rng.choice(list(BACKGROUNDS))
+    floor = rng.choice(list(FLOORS))
+    horizon = rng.uniform(*HORIZON) * IMAGE_SIZE
     while True:
         shapes = []
         for color, half_metres in zip(colors, rng.sample(range(2, 19), n)):
-            size = rng.randint(16, 52)
-            x, y = (rng.uniform(size / 2, IMAGE_SIZE - size / 2) for _ in range(2))
-            shapes.append(Shape(rng.choice(SHAPES), color, size, x, y, half_metres / 2))
+            depth = half_metres / 2
+            bottom = floor_row(depth, horizon)
+            size = rng.randint(16, min(52, int(bottom)))
+            x = rng.uniform(size / 2, IMAGE_SIZE - size / 2)
+            shapes.append(Shape(rng.choice(SHAPES), color, size, x, bottom - size / 2, depth))
         shapes.sort(key=lambda s: -s.depth)
         masks = [_mask(s) for s in shapes]
         owner = _owners(masks)
@@ -139,22 +171,58 @@ def _scene(rng: random.Random) -> Scene:
     for c, kind in enumerate(SHAPES, 1):
         for instance, s in enumerate(sorted((s for s in shapes if s.kind == kind), key=lambda s: s.x)):
             s.segment = 10 * c + instance
-    return Scene(background, shapes)
+    return Scene(background, shapes, floor, horizon)
 
 
 def render(scene: Scene) -> tuple[Image.Image, Image.Image, Image.Image]:
-    """The image (RGB), its true depth map (16-bit, millimetres; the background at FAR) and its segmentation
-    map (8-bit segment ids, 0 = background), from one rasterisation: at every pixel the three show the
-    nearest shape there."""
+    """The image (RGB), its true depth map (16-bit, millimetres: the wall at FAR, the floor receding to it)
+    and its segmentation map (8-bit segment ids: 0 = the wall, FLOOR_SEGMENT = the floor), from one
+    rasterisation: at every pixel the three show the nearest surface there."""
     owner = _owners([_mask(s) for s in scene.shapes])  # (S, S)
-    bg = BACKGROUNDS[scene.background]
-    colors = np.array([bg] + [s.rgb(bg) for s in scene.shapes], dtype=np.uint8)
-    depths = np.round(np.array([FAR] + [s.depth for s in scene.shapes]) * MM_PER_METRE).astype(np.uint16)
-    segments = np.array([0] + [s.segment for s in scene.shapes], dtype=np.uint8)
-    return Image.fromarray(colors[owner]), Image.fromarray(depths[owner]), Image.fromarray(segments[owner])
+    wall = BACKGROUNDS[scene.background]
+    rows = np.arange(IMAGE_SIZE)
+    depth = floor_depth(rows, scene.horizon)  # (S,) the wall and floor, row by row
+    on_floor = rows + 0.5 > scene.horizon
+    floor = np.array([fogged(FLOORS[scene.floor], wall, d) for d in depth])
+    row_color = np.where(on_floor[:, None], floor, np.array(wall))  # (S, 3)
+    image = np.repeat(row_color[:, None], IMAGE_SIZE, 1)  # (S, S, 3)
+    depth_map = np.repeat(depth[:, None], IMAGE_SIZE, 1)
+    seg = np.repeat(np.where(on_floor, FLOOR_SEGMENT, 0)[:, None], IMAGE_SIZE, 1)
+    for k, s in enumerate(scene.shapes, 1):
+        shown = owner == k
+        image[shown], depth_map[shown], seg[shown] = s.rgb(wall), s.depth, s.segment
+    depth_mm = np.round(depth_map * MM_PER_METRE).astype(np.uint16)
+    return (
+        Image.fromarray(image.astype(np.uint8)),
+        Image.fromarray(depth_mm),
+        Image.fromarray(seg.astype(np.uint8)),
+    )
 
 
-def _caption(rng: random.Random, scene: Scene) -> str:
+GRID = 8  # the base encoder's token grid: a scene description has one word per patch
+SHAPE_IN_PATCH = 0.1  # a patch is described by the shape covering most of it if that is this share or more
+
+
+def patch_words(scene: Scene) -> list[str]:
+    """What each of the GRID × GRID patches mostly shows, row-major (the base encoder's token order): the
+    colour of the shape covering most of it, else "background" (the wall) or "floor" — the scene written as
+    the words its
+    image tokens stand for (docs/design.md §9)."""
+    owner = _owners([_mask(s) for s in scene.shapes])  # 0 = none, k + 1 = shape k
+    rows = np.arange(IMAGE_SIZE)[:, None].repeat(IMAGE_SIZE, 1)
+    surface = np.where(owner > 0, owner + 1, (rows + 0.5 > scene.horizon).astype(np.int64))  # 0 wall, 1 floor
+    names = ["background", "floor"] + [s.color for s in scene.shapes]
+    side = IMAGE_SIZE // GRID
+    patches = surface.reshape(GRID, side, GRID, side).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+    words = []
+    for counts in (np.bincount(p, minlength=len(names)) for p in patches):
+        shape = counts[2:].argmax() + 2 if len(names) > 2 else 0
+        shown = len(names) > 2 and counts[shape] >= SHAPE_IN_PATCH * side * side  # a shape, if it shows
+        words.append(names[shape] if shown else names[counts[:2].argmax()])
+    return words
+
+
+def caption(rng: random.Random, scene: Scene) -> str:
     shapes = scene.shapes
     n = len(shapes)
     parts = [
@@ -171,6 +239,7 @@ def _caption(rng: random.Random, scene: Scene) -> str:
     )
     count = f"{NUMBERS[n]} shape{'s' * (n > 1)}"
     text = opening.format(bg=scene.background, n=count, N=count.capitalize(), l=listed)
+    text += f" The floor is {scene.floor}."
     if n > 1:
         text += f" The {shapes[-1].name} is the closest."
     masks = [_mask(s) for s in shapes]
@@ -190,7 +259,7 @@ def _distance(a: Shape, b: Shape) -> float:
     return ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5
 
 
-def _questions(rng: random.Random, scene: Scene) -> list[tuple[str, str]]:
+def questions(rng: random.Random, scene: Scene) -> list[tuple[str, str]]:
     """Every applicable (question, answer) pair for a scene, in LLaVA-665K style."""
     shapes = scene.shapes
     n, kinds = len(shapes), [s.kind for s in shapes]
@@ -200,6 +269,7 @@ def _questions(rng: random.Random, scene: Scene) -> list[tuple[str, str]]:
             f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' * (n > 1)}.",
         ),
         ("What color is the background?", f"The background is {scene.background}."),
+        ("What color is the floor?", f"The floor is {scene.floor}."),
     ]
     qa += [
         (f"What color is the {k}?", f"The {k} is {s.color}.")
@@ -264,7 +334,7 @@ def _task_item(rng: random.Random, scene: Scene, task: str) -> tuple[str, str, l
     return f"Which shape is closer to the {r.name} in the image?", f"the {a.name}", [f"the {b.name}"]
 
 
-def _multiple_choice(
+def multiple_choice(
     rng: random.Random, scene: Scene, task: str, slot: int
 ) -> tuple[str, list[str], str] | None:
     """A CV-Bench-style question of `task`: (prompt with options, choices, "(X)"), the right answer at
@@ -278,7 +348,31 @@ def _multiple_choice(
     return f"{question} Select from the following choices.\n{options}", choices, f"({'ABCD'[position]})"
 
 
-def _conversation(qa: list[tuple[str, str]]) -> list[dict]:
+def text_only_qa(rng: random.Random) -> list[tuple[str, str]]:
+    """One or two turns that need no image (LLaVA-665K's text-only records)."""
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    qa = [
+        (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."),
+        (f"How many sides does a {(k := rng.choice(SHAPES))} have?", SIDES[k]),
+        ("Name a primary color.", f"{rng.choice(['Red', 'Blue', 'Yellow'])} is a primary color."),
+    ]
+    return rng.sample(qa, rng.randint(1, 2))
+
+
+def instruction_qa(rng: random.Random, scene: Scene, i: int) -> list[tuple[str, str]]:
+    """The turns of instruction record i about `scene`: 1-3 free-form questions and one CV-Bench-style
+    multiple-choice question of task MC_TASKS[i % 4] (else another that applies, Count last: it always
+    does), its answer at option i // 4, in random order."""
+    qa = rng.sample(questions(rng, scene), rng.randint(1, 3))
+    first = MC_TASKS[i % len(MC_TASKS)]
+    tasks = [first] + [t for t in MC_TASKS if t not in (first, "Count")] + ["Count"]
+    slot = i // len(MC_TASKS)
+    prompt, _, answer = next(filter(None, (multiple_choice(rng, scene, t, slot) for t in tasks)))
+    qa.insert(rng.randint(0, len(qa)), (prompt + MC_SUFFIX, answer))
+    return qa
+
+
+def conversation(qa: list[tuple[str, str]]) -> list[dict]:
     return [{"from": r, "value": v} for q, a in qa for r, v in (("human", q), ("gpt", a))]
 
 
@@ -297,18 +391,12 @@ def _record(split: str, i: int, seed: int, images: Path) -> dict:
     rng = random.Random(f"{seed}-{split}-{i}")
     rid = f"{split}_{i:05d}"
     if split == "ift" and i % 10 == 9:  # text-only records, as in LLaVA-665K
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        qa = [
-            (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."),
-            (f"How many sides does a {(k := rng.choice(SHAPES))} have?", SIDES[k]),
-            ("Name a primary color.", f"{rng.choice(['Red', 'Blue', 'Yellow'])} is a primary color."),
-        ]
-        return {"id": rid, "conversations": _conversation(rng.sample(qa, rng.randint(1, 2)))}
-    scene = _scene(rng)
+        return {"id": rid, "conversations": conversation(text_only_qa(rng))}
+    scene = random_scene(rng)
     if split == "val":
         task = MC_TASKS[i % len(MC_TASKS)]
-        while (mc := _multiple_choice(rng, scene, task, i // len(MC_TASKS))) is None:
-            scene = _scene(rng)  # held-out scenes are drawn until the task applies
+        while (mc := multiple_choice(rng, scene, task, i // len(MC_TASKS))) is None:
+            scene = random_scene(rng)  # held-out scenes are drawn until the task applies
         prompt, choices, answer = mc
         return {
             "id": rid,
@@ -322,43 +410,18 @@ def _record(split: str, i: int, seed: int, images: Path) -> dict:
             "answer": answer,
         }
     if split == "pt":
-        qa = [(rng.choice(PT_PROMPTS), _caption(rng, scene))]
-    else:  # 1-3 free-form turns and one CV-Bench-style multiple-choice turn, in random order
-        qa = rng.sample(_questions(rng, scene), rng.randint(1, 3))
-        first = MC_TASKS[i % len(MC_TASKS)]  # else another that applies, Count (always applies) last
-        tasks = [first] + [t for t in MC_TASKS if t not in (first, "Count")] + ["Count"]
-        prompt, _, answer = next(
-            filter(None, (_multiple_choice(rng, scene, t, i // len(MC_TASKS)) for t in tasks))
-        )
-        qa.insert(rng.randint(0, len(qa)), (prompt + MC_SUFFIX, answer))
+        qa = [(rng.choice(PT_PROMPTS), caption(rng, scene))]
+    else:
+        qa = instruction_qa(rng, scene, i)
     q = qa[0][0]  # LLaVA files put <image> before or after the first question
     qa[0] = (f"{IMAGE_TOKEN}\n{q}" if rng.random() < 0.7 else f"{q}\n{IMAGE_TOKEN}", qa[0][1])
-    return {"id": rid, **_save(scene, rid, images), "conversations": _conversation(qa)}
+    return {"id": rid, **_save(scene, rid, images), "conversations": conversation(qa)}
 
 
-def builtin_dataset(
-    root: str | os.PathLike = "data_cache/builtin",
-    seed: int = 0,
-    n_pt: int = 300,
-    n_ift: int = 500,
-    n_val: int = 100,
-    vocab_size: int = 1000,
-) -> dict[str, Path]:
-    """Write (once, deterministically by `seed`) the built-in image-text set in LLaVA layout; return paths:
-    {"root", "images", "pt" (558K-like captions), "ift" (665K-like multi-turn QA, 10% text-only), "qa_val"
-    (CV-Bench-style jsonl: id, image, task, question, choices, answer "(X)"), "tokenizer" (trained on all the
-    text)}. Image records also name their maps ("depth", "seg": files in images/) and describe their "scene".
-    Written to a temporary folder, then renamed: a folder with `manifest.json` is complete."""
+def world_paths(root: str | os.PathLike) -> dict[str, Path]:
+    """Where a built-in world folder keeps its files."""
     root = Path(root)
-    config = {
-        "world": 2,
-        "seed": seed,
-        "n_pt": n_pt,
-        "n_ift": n_ift,
-        "n_val": n_val,
-        "vocab_size": vocab_size,
-    }
-    paths = {
+    return {
         "root": root,
         "images": root / "images",
         "pt": root / "pt.json",
@@ -366,31 +429,42 @@ def builtin_dataset(
         "qa_val": root / "qa_val.jsonl",
         "tokenizer": root / "tokenizer.json",
     }
-    manifest = root / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()) == config:
-        return paths
-    if root.exists() and not manifest.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists and is not a built-in data folder (no manifest.json)")
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+
+
+def write_world(
+    folder: str | os.PathLike, seed: int, n_pt: int, n_ift: int, n_val: int, vocab_size: int
+) -> dict[str, Path]:
+    """Write the built-in image-text set in LLaVA layout into `folder`, deterministically by `seed`; return
+    its paths: {"root", "images", "pt" (558K-like captions), "ift" (665K-like multi-turn QA, 10% text-only),
+    "qa_val" (CV-Bench-style jsonl: id, image, task, question, choices, answer "(X)"), "tokenizer" (trained
+    on the training text)}. Image records also name their maps ("depth", "seg": files in images/) and
+    describe their "scene"."""
+    paths = world_paths(folder)
+    paths["images"].mkdir(parents=True, exist_ok=True)
     splits = {"pt": n_pt, "ift": n_ift, "val": n_val}
     records = {
-        split: [_record(split, i, seed, tmp / "images") for i in range(n)] for split, n in splits.items()
+        split: [_record(split, i, seed, paths["images"]) for i in range(n)] for split, n in splits.items()
     }
     for split in ("pt", "ift"):
-        (tmp / f"{split}.json").write_text(json.dumps(records[split], indent=1))
-    (tmp / "qa_val.jsonl").write_text("".join(json.dumps(v) + "\n" for v in records["val"]))
-    texts = [TEMPLATES["llama3"].system] + [v["prompt"] + MC_SUFFIX for v in records["val"]]
+        paths[split].write_text(json.dumps(records[split], indent=1))
+    paths["qa_val"].write_text("".join(json.dumps(v) + "\n" for v in records["val"]))
+    texts = [TEMPLATES["llama3"].system, MC_SUFFIX]
     texts += [t["value"] for r in records["pt"] + records["ift"] for t in r["conversations"]]
-    train_tokenizer(texts, tmp / "tokenizer.json", vocab_size)
-    (tmp / "manifest.json").write_text(json.dumps(config))
-    old = root.with_name(f"{root.name}.old{os.getpid()}")
-    if root.exists():  # built with other settings: replace
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:  # another rank finished first
-        shutil.rmtree(tmp)
-    shutil.rmtree(old, ignore_errors=True)
+    train_tokenizer(texts, paths["tokenizer"], vocab_size)
     return paths
+
+
+def builtin_dataset(
+    root: str | os.PathLike,
+    seed: int = 0,
+    n_pt: int = 300,
+    n_ift: int = 500,
+    n_val: int = 100,
+    vocab_size: int = 1000,
+) -> dict[str, Path]:
+    """The built-in world alone (no pretrained parts: miniature.builtin() has both), written once into
+    `root` by `write_world` and reused while its manifest records the same settings."""
+    config = {"world": WORLD_VERSION, "seed": seed, "n_pt": n_pt, "n_ift": n_ift, "n_val": n_val}
+    config["vocab_size"] = vocab_size
+    build_once(Path(root), config, lambda tmp: write_world(tmp, seed, n_pt, n_ift, n_val, vocab_size))
+    return world_paths(root)

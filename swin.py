@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import config_json, load_with_table
+from checkpoint import config_json, load_with_table, save_with_table
 from encoders import ViTBlock
 
 
@@ -196,3 +196,24 @@ class Swin(nn.Module):
             return not key.startswith(SWIN_DEAD_PREFIXES)
 
         return load_with_table(model, path, SWIN_KEYS, alive, dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a Hub SwinBackbone folder that from_pretrained (and transformers) reads."""
+        c = self.config
+        stages = [f"stage{i + 1}" for i in range(len(c.depths))]
+        config = {
+            "architectures": ["SwinBackbone"],
+            "model_type": "swin",
+            "patch_size": c.patch_size,
+            "num_channels": 3,
+            "embed_dim": c.embed_dim,
+            "depths": list(c.depths),
+            "num_heads": list(c.n_heads),
+            "window_size": c.window_size,
+            "mlp_ratio": c.mlp_ratio,
+            "hidden_act": "gelu",
+            "layer_norm_eps": c.layer_norm_eps,
+            "use_absolute_embeddings": False,
+            "out_features": stages,
+        }
+        save_with_table(self, folder, SWIN_KEYS, config)

@@ -73,9 +73,9 @@ def load_teachers(
 def tiny_teachers(
     tasks: tuple[str, ...], grid: int, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> TargetEncoders:
-    """The tiny teachers of `tasks` for the built-in CPU run (docs/design.md §9): random encoders of the real
-    teachers' classes, reproducible from `seed`, that encode what the real features stand for — depth the
-    record's true depth map, seg its true segmentation map, gen the image."""
+    """Random teachers of `tasks` at the tiny sizes (the real classes), reproducible from `seed`: for tests,
+    and the skeleton a checkpoint that stores its teachers is loaded into. The built-in world's trained
+    teachers are the miniature's folders (miniature.teacher_folders)."""
     check_tasks(tasks)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -84,17 +84,11 @@ def tiny_teachers(
 
 
 def make_teachers(
-    paths: dict[str, str | os.PathLike],
-    tasks: tuple[str, ...],
-    grid: int,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    paths: dict[str, str | os.PathLike], tasks: tuple[str, ...], grid: int, dtype: torch.dtype = torch.float32
 ) -> TargetEncoders | None:
-    """The teachers of `tasks`: the official ones of `paths` if given, else the tiny ones (`seed`)."""
+    """The teachers of `tasks` from their weight folders `paths` ({task: folder}); None without tasks."""
     if not tasks:
         return None
-    if not paths:
-        return tiny_teachers(tasks, grid, seed, dtype)
     missing = [t for t in tasks if t not in paths]
     if missing:
         raise ValueError(f"no teacher weights for task(s) {missing}: pass --teacher TASK=PATH for each")

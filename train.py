@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,53 +25,50 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import shapes
+import miniature
 from chat import ChatTokenizer
 from checkpoint import load_tensors_only, read_json, write_folder
 from cli import user_errors
+from convnext import ConvNeXt, ConvNeXtConfig
 from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
 from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
 from inference import autocast, compute_dtype
-from llm import LLM, LLMConfig
-from ola import OLAVLM, OLAConfig, set_trainable
+from llm import LLM
+from ola import OLAVLM, set_trainable
 from recipe import PRESETS, STAGES, TINY, parse_args
+from schedule import warmup_cosine
 from tasks import make_teachers
 from teachers import TargetEncoders
 
-BUILTIN = Path("data_cache/builtin")
-
 
 # ----------------------------------------------------------------------------- model
-def tiny_model(
-    cfg: OLAConfig,
-    tok: ChatTokenizer,
-    target_dims: dict[str, int] | None,
-    seed: int,
-    kind: str = "clip",
-    teachers: TargetEncoders | None = None,
-) -> OLAVLM:
-    """The built-in tiny OLA-VLM (a random LLM and base encoder of `kind`, CPU-sized), reproducible from
-    `seed`. Both tiny towers give an 8×8 grid of image tokens."""
-    torch.manual_seed(seed)
-    bos = tok.bos_ids[0] if tok.bos_ids else None
-    llm_cfg = replace(
-        LLMConfig.preset("tiny"),
-        vocab_size=tok.vocab_size,
-        bos_token_id=bos,
-        eos_token_ids=tuple(tok.eos_ids),
-        pad_token_id=tok.pad_id,
-    )
-    llm = LLM(llm_cfg)
-    tower_cls, tower_cfg = VISION_TOWERS[kind]
-    vision = tower_cls(tower_cfg.tiny())
-    return OLAVLM(cfg, llm, vision, target_dims, teachers=teachers)
+def builtin_defaults(args, rank: int) -> None:
+    """The tiny preset is the paper's pipeline on the miniature (miniature.py; rank 0 builds it on first
+    use): its LLM, CLIP base encoder and teachers are the defaults of --llm, --vision and --teacher, its PT
+    and IFT records those of --data. A random tiny ConvNeXt serves --vision-type convnext (the miniature
+    pretrains no ConvNeXt: on 2 cores it would take longer than all the other parts)."""
+    args.builtin = None
+    if args.preset != "tiny":
+        return
+    if rank == 0:
+        miniature.builtin()
+    if dist.is_initialized():
+        dist.barrier()
+    args.builtin = miniature.builtin()
+    args.llm = args.llm or str(args.builtin["llm"])
+    if args.vision is None and args.vision_type != "convnext":
+        args.vision = str(args.builtin["clip"])
+    for task in args.tasks:
+        args.teachers.setdefault(task, str(args.builtin[task]))
+    if args.image_folder is None and args.data is None:
+        args.image_folder = str(args.builtin["images"])
 
 
 def build_model(
     args, tok: ChatTokenizer, teachers: TargetEncoders | None, device: torch.device, dtype: torch.dtype
 ) -> OLAVLM:
-    """A fresh OLA-VLM from base weights (or tiny random ones), or the --init / previous-stage checkpoint.
-    `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
+    """A fresh OLA-VLM from base weights (its new parts seeded by --seed), or the --init / previous-stage
+    checkpoint. `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
     dims = teachers.dims if teachers is not None else None
     if args.init:  # the checkpoint's configuration, projector and special tokens are kept (and predictors)
         model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=bool(dims))
@@ -90,19 +87,23 @@ def build_model(
     inputs = None  # the multi-encoder baselines' teachers, part of the model (Tab. 1)
     if cfg.mode != "ola":
         inputs = build_teachers(args, cfg.tasks, device, dtype)
-    if args.preset == "tiny":
-        return tiny_model(cfg, tok, dims, args.seed, args.vision_type or "clip", inputs).to(device)
     llm = LLM.from_pretrained(args.llm, dtype=dtype, device=device)
-    kind = args.vision_type or detect_tower(args.vision)
-    vision = VISION_TOWERS[kind][0].from_pretrained(args.vision, dtype=dtype)
-    sources = {"llm": str(Path(args.llm).resolve()), "vision": str(Path(args.vision).resolve())}
+    sources = {"llm": str(Path(args.llm).resolve())}
+    torch.manual_seed(args.seed)
+    if args.vision is None:  # the tiny preset's random ConvNeXt (builtin_defaults), stored in checkpoints
+        vision = ConvNeXt(ConvNeXtConfig.tiny())
+    else:
+        kind = args.vision_type or detect_tower(args.vision)
+        vision = VISION_TOWERS[kind][0].from_pretrained(args.vision, dtype=dtype)
+        sources["vision"] = str(Path(args.vision).resolve())
     if inputs is not None:
         sources["teachers"] = {task: str(Path(args.teachers[task]).resolve()) for task in cfg.tasks}
     return OLAVLM(cfg, llm, vision, dims, sources, inputs).to(device)
 
 
 def base_grid(args) -> int:
-    """The base encoder's token grid (24 for both real towers), which sizes the spatial teachers."""
+    """The base encoder's token grid (24 for both real towers, 8 for the miniature's), which sizes the
+    spatial teachers."""
     if args.preset == "tiny":
         config = CLIPVisionConfig.tiny()
         return config.image_size // config.patch_size
@@ -110,20 +111,17 @@ def base_grid(args) -> int:
 
 
 def build_teachers(args, tasks: tuple[str, ...], device, dtype) -> TargetEncoders | None:
-    paths = {} if args.preset == "tiny" else args.teachers
-    teachers = make_teachers(paths, tasks, base_grid(args), seed=args.seed, dtype=dtype)
+    teachers = make_teachers(args.teachers, tasks, base_grid(args), dtype=dtype)
     return None if teachers is None else teachers.to(device)
 
 
-def tokenizer_path(args, builtin: dict | None) -> Path:
-    """--tokenizer, else the --init folder's own (released folders have one), else the built-in one (tiny),
-    else tokenizer.json of the LLM folder (or of the folder the --init checkpoint's LLM came from)."""
+def tokenizer_path(args) -> Path:
+    """--tokenizer, else the --init folder's own (released folders have one), else tokenizer.json of the LLM
+    folder (or of the folder the --init checkpoint's LLM came from)."""
     if args.tokenizer:
         return Path(args.tokenizer)
     if args.init and (Path(args.init) / "tokenizer.json").is_file():  # a released folder carries its own
         return Path(args.init) / "tokenizer.json"
-    if args.preset == "tiny":
-        return builtin["tokenizer"] if builtin else shapes.builtin_dataset(BUILTIN)["tokenizer"]
     llm = args.llm or read_json(Path(args.init) / "config.json")["sources"]["llm"]
     return Path(llm) / "tokenizer.json"
 
@@ -138,17 +136,12 @@ def stage_tasks(args, stage: str) -> tuple[str, ...]:
     return args.tasks
 
 
-def cosine_schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup (3% of the steps) then cosine decay to 0 (Sec. 5.1)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def json_args(args) -> dict:
-    """The run's arguments as plain JSON values (paths as strings, the model configuration as a dict)."""
-    return json.loads(json.dumps({**vars(args), "ola": asdict(args.ola)}, default=str))
+    """The run's arguments as plain JSON values (paths as strings, the model configuration as a dict; the
+    built-in folders are in the paths they filled in)."""
+    values = {k: v for k, v in vars(args).items() if k != "builtin"}
+    return json.loads(json.dumps({**values, "ola": asdict(args.ola)}, default=str))
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -178,10 +171,7 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     hp = {**STAGES[stage], **(TINY[stage] if args.preset == "tiny" else {})}
     lr = hp["lr"] if args.lr is None else args.lr
     batch_size = args.batch_size or hp["batch_size"]
-    builtin = (
-        shapes.builtin_dataset(BUILTIN) if args.data is None else None
-    )  # rank-safe: temp folder + rename
-    tok = ChatTokenizer(tokenizer_path(args, builtin), template=PRESETS[args.preset])
+    tok = ChatTokenizer(tokenizer_path(args), template=PRESETS[args.preset])
     teachers = build_teachers(args, stage_tasks(args, stage), device, frozen)
     model = build_model(args, tok, teachers, device, frozen if stage == "pt" else torch.float32)
     check_vocabulary(tok, model)
@@ -189,8 +179,8 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     emb_losses = stage in args.emb_stages
     set_trainable(model, stage, verbose=rank == 0, emb_losses=emb_losses, tokens=args.ift_tokens)
     model.llm.gradient_checkpointing = args.grad_checkpointing
-    records = args.data or builtin["pt" if stage == "pt" else "ift"]
-    image_folder = args.image_folder or (builtin["images"] if builtin else None)
+    records = args.data or args.builtin["pt" if stage == "pt" else "ift"]
+    image_folder = args.image_folder
     fed = teachers if teachers is not None else model.teachers  # the teachers that get pixels, if any
     dataset = data.LLaVADataset(
         records,
@@ -231,8 +221,7 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     wrapped = wrap(model, args, stage, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    warmup = max(1, round(args.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
+    scheduler = warmup_cosine(optimizer, total, args.warmup_ratio)
     folder = args.out / stage
     run = Run(
         stage, model, wrapped, teachers, dataset, loader, optimizer, scheduler, total, accum, folder, frozen
@@ -470,6 +459,7 @@ def summarize(stage: str, history: list[dict], seen: int, seconds: float, final:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    builtin_defaults(args, rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for stage in args.stages:

@@ -2,6 +2,7 @@
 and inputs, and the ONE tiny OLA-VLM builder every test uses."""
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import replace
@@ -14,12 +15,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test, and every train.py / probe.py / eval.py a test starts, uses the small miniature build, built
+# once into the repository's data_cache/ (miniature.py; a subprocess inherits these).
+os.environ.setdefault("OLA_MINIATURE", "fast")
+os.environ.setdefault("OLA_DATA_CACHE", str(ROOT / "data_cache"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/dist_*.py helpers
 
 from encoders import CLIPVision, CLIPVisionConfig  # noqa: E402
 from llm import LLM, LLMConfig  # noqa: E402
 from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OLAVLM, OLAConfig  # noqa: E402
-from tasks import make_teachers  # noqa: E402
+from tasks import tiny_teachers  # noqa: E402
 
 TOL = 1e-5  # fp32 parity on O(1) activations: float32 rounding of ~1e3-term sums stays well below it
 VOCAB = 97  # vocabulary of the random test LLM (ids 0..96, 0 = pad)
@@ -83,7 +88,7 @@ def tiny_ola(
     """The tiny OLA-VLM of the built-in run (random LLM and CLIP) and its tiny teachers, from `seed`.
     `vision`: a base encoder with an 8×8 grid (default: the tiny CLIP); `llm` overrides LLMConfig fields."""
     cfg = cfg or OLAConfig()
-    teachers = make_teachers({}, cfg.tasks, grid=8, seed=seed)
+    teachers = tiny_teachers(cfg.tasks, grid=8, seed=seed) if cfg.tasks else None
     torch.manual_seed(seed)
     fields = {"vocab_size": vocab, "n_layers": n_layers, "pad_token_id": 0, **llm}
     llm_cfg = replace(LLMConfig.preset("tiny"), **fields)
@@ -254,3 +259,11 @@ def oneformer_swin(swin, tmp_path_factory):
 
     config = {"model_type": "oneformer", "backbone_config": json.loads((src / "config.json").read_text())}
     return rewrite(src, tmp_path_factory.mktemp("oneformer") / "ckpt", nest, config)
+
+
+@pytest.fixture(scope="session")
+def miniature_build() -> dict[str, Path]:
+    """The fast miniature (miniature.py), built once before any test process needs it."""
+    import miniature
+
+    return miniature.builtin()

@@ -10,7 +10,7 @@ from conftest import maxdiff, teacher_pixels, tiny_ola, toy_batch
 from encoders import CLIPVision, CLIPVisionConfig
 from llm import LLM, LLMConfig
 from ola import OLAVLM, OLAConfig, set_trainable
-from tasks import IMAGE, SYS, TASKS, make_teachers
+from tasks import IMAGE, SYS, TASKS, tiny_teachers
 
 
 class RealSizeTeachers(nn.Module):
@@ -42,7 +42,7 @@ def test_real_sizes_on_the_meta_device(mode):
 
 def concat_model(mode: str):
     cfg = OLAConfig(mode=mode)
-    teachers = make_teachers({}, cfg.tasks, grid=8, seed=0)
+    teachers = tiny_teachers(cfg.tasks, grid=8, seed=0)
     model, _ = tiny_ola(OLAConfig(tasks=()), seed=0)  # the same LLM and CLIP as a LLaVA-1.5 model
     return OLAVLM(cfg, model.llm, model.vision, teachers=teachers), teachers
 

@@ -5,7 +5,6 @@ import json
 import logging
 import re
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -439,67 +438,6 @@ def test_truncation_never_cuts_the_image(builtin, tmp_path):
     cut = next(i for i, label in enumerate(text_labels) if label != IGNORE_INDEX) + 5
     ds = LLaVADataset(tmp_path / "r.json", builtin["images"], tok, max_length=cut)
     assert len(ds.load(1)["input_ids"]) == cut  # text-only: a plain cut at max_length
-
-
-@pytest.mark.parametrize("view", ["crop", "pad"])
-def test_maps_reach_the_teachers_in_the_square_view_of_their_image(tmp_path, tokenizers_, view):
-    """A record's depth / seg files are read in physical units (metres, segment ids) and cut or padded
-    exactly like its image: at every pixel of the view image, depth and seg still agree."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rgb = np.zeros((30, 40, 3), np.uint8)  # (H, W): left part red at 2 m, id 11; the rest blue at 5 m, id 20
-    rgb[:, :20] = (200, 0, 0)
-    rgb[:, 20:] = (0, 0, 200)
-    depth = np.where(np.arange(40) < 20, 2000, 5000).astype(np.uint16)[None].repeat(30, 0)  # millimetres
-    seg = np.where(np.arange(40) < 20, 11, 20).astype(np.uint8)[None].repeat(30, 0)
-    for name, array in (
-        ("a.png", rgb),
-        ("a_depth.png", depth),
-        ("a_seg.png", seg),
-        ("small.png", seg[:9, :9]),
-    ):
-        Image.fromarray(array).save(folder / name)
-    caption = RECORDS["558k"][0]
-    records = [
-        {
-            "id": "maps",
-            "image": "a.png",
-            "depth": "a_depth.png",
-            "seg": "a_seg.png",
-            "conversations": caption,
-        },
-        {"id": "none", "image": "a.png", "conversations": caption},
-        {"id": "missing", "image": "a.png", "depth": "nope.png", "conversations": caption},
-        {"id": "wrong-size", "image": "a.png", "seg": "small.png", "conversations": caption},
-    ]
-    (tmp_path / "r.json").write_text(json.dumps(records))
-    given = []
-    preprocess = lambda square, maps: given.append((square, maps)) or {}
-    ds = LLaVADataset(
-        tmp_path / "r.json",
-        folder,
-        tokenizers_["llama3"],
-        view=view,
-        image_size=28,
-        target_preprocess=preprocess,
-    )
-    ds.load(0)
-    square, maps = given[-1]
-    assert set(maps) == {"depth", "seg"} and maps["depth"].mode == "F" and maps["seg"].mode == "I"
-    assert square.size == maps["depth"].size == maps["seg"].size == ((30, 30) if view == "crop" else (40, 40))
-    px, d, s = np.asarray(square), np.asarray(maps["depth"]), np.asarray(maps["seg"])
-    red, blue = px[..., 0] == 200, px[..., 2] == 200
-    assert red.any() and blue.any()
-    assert np.array_equal(red, d == 2.0) and np.array_equal(red, s == 11)
-    assert np.array_equal(blue, d == 5.0) and np.array_equal(blue, s == 20)
-    assert np.array_equal(~(red | blue), (d == 0) & (s == 0))  # the padding: no depth, background
-    assert (~(red | blue)).any() == (view == "pad")
-    ds.load(1)
-    assert given[-1][1] == {}
-    with pytest.raises(data.BadSample, match="cannot read depth map .*nope.png"):
-        ds.load(2)
-    with pytest.raises(data.BadSample, match=r"seg map .*small.png is \(9, 9\), its image \(40, 30\)"):
-        ds.load(3)
 
 
 def test_loader_resume_and_world_size(builtin):

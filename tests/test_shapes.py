@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import shapes
-from data import MM_PER_METRE
+from shapes import MM_PER_METRE
 
 Y, X = np.mgrid[0 : shapes.IMAGE_SIZE, 0 : shapes.IMAGE_SIZE].astype(np.float64)  # pixel coordinates
 
@@ -50,7 +50,8 @@ def load(paths, record):
 
 def test_maps_agree_with_the_scene(world):
     """At every pixel clearly inside or outside each shape, image, depth map and seg map all show the
-    nearest shape covering it (the background where none does); the seg map holds one id per shape."""
+    nearest shape covering it (where none does, the wall above the horizon and the receding floor below it,
+    the floor's depth from the ground-plane formula written out here); the seg map holds one id per shape."""
     paths, records = world
     overlaps = 0
     for record in [r for split in records.values() for r in split if "image" in r]:
@@ -60,7 +61,7 @@ def test_maps_agree_with_the_scene(world):
         bg = shapes.BACKGROUNDS[scene["background"]]
         objects = scene["shapes"]
         assert len({s["depth"] for s in objects}) == len({s["segment"] for s in objects}) == len(objects)
-        assert set(np.unique(seg)) - {0} == {s["segment"] for s in objects}  # the object count
+        assert set(np.unique(seg)) - {0, shapes.FLOOR_SEGMENT} == {s["segment"] for s in objects}  # the count
         covered = np.stack([inside(s, 2.0) for s in objects])  # (n, S, S)
         clear = (covered | ~np.stack([inside(s, -2.0) for s in objects])).all(0)  # no shape's edge is near
         depths = np.array([s["depth"] for s in objects])[:, None, None]
@@ -74,8 +75,20 @@ def test_maps_agree_with_the_scene(world):
             assert (image[shown] == color).all()
         overlaps += (clear & (covered.sum(0) >= 2)).sum()
         background = clear & ~covered.any(0)
-        assert (seg[background] == 0).all() and (depth[background] == shapes.FAR * MM_PER_METRE).all()
-        assert (image[background] == bg).all()
+        wall = background & (scene["horizon"] >= Y + 0.5)
+        assert (seg[wall] == 0).all() and (depth[wall] == shapes.FAR * MM_PER_METRE).all()
+        assert (image[wall] == bg).all()
+        floor = background & (scene["horizon"] < Y + 0.5)
+        # a ground plane: inverse depth linear in the rows below the horizon, 1/NEAR at the bottom edge
+        t = (Y + 0.5 - scene["horizon"]) / (shapes.IMAGE_SIZE - scene["horizon"])
+        expected = 1 / (1 / shapes.FAR + t * (1 / shapes.NEAR - 1 / shapes.FAR))
+        assert (seg[floor] == shapes.FLOOR_SEGMENT).all()
+        assert np.abs(depth[floor] - expected[floor] * MM_PER_METRE).max() <= 0.5
+        f = shapes.FOG * expected[floor] / shapes.FAR
+        color = (1 - f)[:, None] * np.array(shapes.FLOORS[scene["floor"]]) + f[:, None] * np.array(bg)
+        assert np.abs(image[floor] - color).max() <= 0.5
+        for s in objects:  # every shape stands on the floor where it is as far away as the shape
+            assert np.isclose(s["y"] + s["size"] / 2, shapes.floor_row(s["depth"], scene["horizon"]))
     assert overlaps > 1000  # occlusion was tested, not only lone shapes
 
 
@@ -84,7 +97,7 @@ def derived_answer(record: dict, seg: np.ndarray, depth: np.ndarray) -> str:
     objects = {name_of(s): s for s in record["scene"]["shapes"]}
     question, choices = record["question"], record["choices"]
     if record["task"] == "Count":
-        assert len(np.unique(seg)) - 1 == len(objects)  # ids in the seg map = shapes in the scene
+        assert len(set(np.unique(seg)) - {0, shapes.FLOOR_SEGMENT}) == len(objects)  # one id per shape
         return str(len(objects))
     if record["task"] == "Depth":  # the median depth the depth map shows over each shape's segment
         return min(choices, key=lambda c: np.median(depth[seg == objects[c]["segment"]]))

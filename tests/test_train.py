@@ -47,7 +47,7 @@ def assert_same_losses(a: list[dict], b: list[dict], tol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, miniature_build):
     return tmp_path_factory.mktemp("train")
 
 
@@ -208,7 +208,7 @@ def test_pt_init_keeps_the_checkpoints_projector_and_tokens(workdir):
 
 
 @pytest.mark.parametrize("mode", ["llava", "feat-concat", "token-concat"])
-def test_baseline_modes_train_and_answer(workdir, mode):
+def test_baseline_modes_train_and_answer(workdir, mode, miniature_build):
     """--mode llava: PT trains only the projector, no special tokens or predictors anywhere. The concat
     baselines (Tab. 1): a PT and an IFT step run, and eval rebuilds their teachers from the checkpoint."""
     from PIL import Image
@@ -223,11 +223,12 @@ def test_baseline_modes_train_and_answer(workdir, mode):
     expected = {"llava": ["projector"], "feat-concat": ["projector"], "token-concat": ["inputs", "projector"]}
     assert pt["trainable"] == expected[mode] and pt["model"]["mode"] == ("ola" if mode == "llava" else mode)
     stored = {k.split(".")[0] for k in load_file(out / "ift" / "final" / "model.safetensors")}
-    assert not stored & {"tokens", "predictors"}
-    assert ("teachers" in stored) == (mode != "llava")  # the tiny teachers travel with the checkpoint
+    assert not stored & {"tokens", "predictors", "teachers"}  # the teachers are the miniature's folders
+    config = json.loads((out / "ift" / "final" / "config.json").read_text())
+    assert ("teachers" in config["sources"]) == (mode != "llava")
     model, tok = load_model(out / "ift" / "final")
     assert (model.teachers is None) == (mode == "llava")
-    image = next((workdir / "data_cache" / "builtin" / "images").glob("*.png"))
+    image = next(miniature_build["images"].glob("*.png"))
     images, fed = image_inputs(model, [square_view(Image.open(image).convert("RGB"), "pad")])
     (text,) = answer(model, tok, ["How many shapes?"], images, max_new_tokens=3, teacher_images=fed)
     assert isinstance(text, str)
