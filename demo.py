@@ -190,8 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--probe-images",
         type=int,
-        default=400,
-        help="cap the probe's train and val images (default 400: the 15-minute budget; 0 = all)",
+        default=300,
+        help="cap the probe's train and val images (default 300: the 15-minute budget; 0 = all)",
     )
     p.add_argument("--out", type=Path, default=OUT, help=f"output root (default {OUT})")
     p.add_argument("--force", action="store_true", help="rerun what is on disk")

@@ -423,6 +423,10 @@ class DINOv2(nn.Module):
         c = self.config
         if c.num_register_tokens:
             raise ValueError("save_pretrained writes DINOv2 without registers only")
+        ratio = c.intermediate_size / c.hidden_size
+        ratio = (
+            int(ratio) if ratio.is_integer() else ratio
+        )  # transformers' config wants an int where it is one
         config = {
             "architectures": ["Dinov2Model"],
             "model_type": "dinov2",
@@ -430,7 +434,7 @@ class DINOv2(nn.Module):
             "patch_size": c.patch_size,
             "num_channels": 3,
             "hidden_size": c.hidden_size,
-            "mlp_ratio": c.intermediate_size / c.hidden_size,
+            "mlp_ratio": ratio,
             "num_hidden_layers": c.n_layers,
             "num_attention_heads": c.n_heads,
             "hidden_act": "gelu",

@@ -34,10 +34,10 @@ from ablations import TABLES, Table, Variant
 
 ROOT = Path(__file__).resolve().parent
 OUT = Path("runs/experiments")
-# The default budget: PT 2 epochs (38 steps at the tiny batch of 16), IFT 7 epochs (224 steps; at 4 the tiny
-# model still answers most questions in words, not "(X)"), so that Tab. 5's 5 default rows finish in
-# < 15 minutes on 2 idle CPU cores; "tiny" = train.py's own tiny budget (PT 6, IFT 8 epochs).
-DEFAULT_EPOCHS = "2,7"
+# The default budget: PT 1 epoch (63 steps at the tiny batch of 16), IFT 1 epoch (125 steps), so that three
+# seeds of demo.py's two rows finish in < 15 minutes on 2 idle CPU cores; "tiny" = train.py's own tiny
+# budget (PT 2, IFT 2 epochs).
+DEFAULT_EPOCHS = "1,1"
 TASK_ORDER = ("Count", "Depth", "Relation", "Distance")  # Tab. 1's CV-Bench columns; the built-in QA's tasks
 
 
@@ -55,7 +55,7 @@ class Budget:
 
     def __str__(self) -> str:
         if self.pt is None:
-            return "train.py's own tiny budget (PT 6, IFT 8 epochs)"
+            return "train.py's own tiny budget (PT 2, IFT 2 epochs)"
         return f"PT {self.pt} epochs, IFT {self.ift} epochs"
 
 
@@ -230,8 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=DEFAULT_EPOCHS,
         type=epochs_budget,
         help=f"epochs of PT,IFT (or one number for both), passed to train.py --epochs (default "
-        f"{DEFAULT_EPOCHS}: Tab. 5 in < 15 min on 2 cores); 'tiny' = train.py's own tiny budget (PT 6, IFT 8 "
-        "epochs, ≈3 min per run)",
+        f"{DEFAULT_EPOCHS}: the demo's 3 seeds in < 15 min on 2 cores); 'tiny' = train.py's own tiny "
+        "budget (PT 2, IFT 2 epochs, ≈4 min per run)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument(

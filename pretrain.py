@@ -46,7 +46,7 @@ class Scenes:
     depth: torch.Tensor  # (N, S, S) metres
     classes: torch.Tensor  # (N, S, S) segmentation class per pixel, 0 = background
     captions: list[str]
-    conversations: list[list[tuple[str, str]]]  # the LM's text: the caption, then questions and answers
+    conversations: list[list[tuple[str, str]]]  # the LM's text: a question about the scene after its caption
 
     def __len__(self) -> int:
         return len(self.images)
@@ -54,7 +54,8 @@ class Scenes:
 
 def render_scenes(split: str, n: int, seed: int) -> Scenes:
     """Scenes 0..n-1 of the stream `split` (random.Random(f"{seed}-{split}-{i}"), as the built-in records;
-    the held-out split is "val", which no pretraining stream is). Every tenth conversation needs no image."""
+    the held-out split is "val", which no pretraining stream is). The LM's conversation of scene i asks one
+    of its questions (multiple-choice for odd i) after its caption; every tenth needs no scene."""
     if split == "val":
         raise ValueError("the held-out split 'val' is never a pretraining stream")
     images, depths, classes, captions, conversations = [], [], [], [], []
@@ -69,12 +70,9 @@ def render_scenes(split: str, n: int, seed: int) -> Scenes:
         if i % 10 == 9:
             conversations.append(shapes.text_only_qa(rng))
             continue
-        if i % 10 < 3:  # as PT: describe the scene
-            qa = [(rng.choice(shapes.PT_PROMPTS), captions[-1])]
-        else:  # as IFT: questions about it
-            qa = shapes.instruction_qa(rng, scene, i)
-        words = "".join(" " + w for w in shapes.patch_words(scene))  # where the image tokens will be
-        conversations.append([(f"{words}\n{qa[0][0]}", qa[0][1]), *qa[1:]])
+        qa = shapes.instruction_qa(rng, scene, i)  # one of its questions, with the scene's caption before it
+        q, a = next(t for t in qa if ("Select from" in t[0]) == (i % 2 == 1))
+        conversations.append([(f"{captions[-1]}\n{q}", a)])
     depth, cls = torch.from_numpy(np.stack(depths)), torch.from_numpy(np.stack(classes))
     return Scenes(images, depth, cls, captions, conversations)
 

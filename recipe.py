@@ -24,11 +24,11 @@ STAGES = {
         lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "inputs", "tokens", "predictors")
     ),
 }
-# The built-in tiny model trains in minutes on a CPU: its own (larger) learning rates and batches.
+# The tiny preset (the miniature) trains in minutes on a CPU: its own (larger) learning rates and batches.
 TINY = dict(
-    pt=dict(lr=2e-3, batch_size=16, epochs=6),
-    vpt=dict(lr=1e-3, batch_size=16, epochs=6),
-    ift=dict(lr=1e-3, batch_size=16, epochs=8),
+    pt=dict(lr=2e-3, batch_size=16, epochs=2),
+    vpt=dict(lr=1e-3, batch_size=16, epochs=2),
+    ift=dict(lr=1e-3, batch_size=16, epochs=2),
 )
 PRESETS = {"tiny": "llama3", "llama3-8b": "llama3", "phi3-mini": "phi3"}  # preset -> chat template (Sec. 5.1)
 IFT_TOKENS = ("frozen", "learnable", "none")  # the special tokens during IFT (Tab. 6)
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (default: all of it)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--epochs", type=float, help="passes over the data (default 1; tiny 6)")
+    p.add_argument("--epochs", type=float, help="passes over the data (default 1; tiny 2)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--max-length", type=int, help="token budget per sample (default 4096; tiny 512)")
     p.add_argument("--save-every", type=int, default=200)

@@ -199,29 +199,6 @@ def render(scene: Scene) -> tuple[Image.Image, Image.Image, Image.Image]:
     )
 
 
-GRID = 8  # the base encoder's token grid: a scene description has one word per patch
-SHAPE_IN_PATCH = 0.1  # a patch is described by the shape covering most of it if that is this share or more
-
-
-def patch_words(scene: Scene) -> list[str]:
-    """What each of the GRID × GRID patches mostly shows, row-major (the base encoder's token order): the
-    colour of the shape covering most of it, else "background" (the wall) or "floor" — the scene written as
-    the words its
-    image tokens stand for (docs/design.md §9)."""
-    owner = _owners([_mask(s) for s in scene.shapes])  # 0 = none, k + 1 = shape k
-    rows = np.arange(IMAGE_SIZE)[:, None].repeat(IMAGE_SIZE, 1)
-    surface = np.where(owner > 0, owner + 1, (rows + 0.5 > scene.horizon).astype(np.int64))  # 0 wall, 1 floor
-    names = ["background", "floor"] + [s.color for s in scene.shapes]
-    side = IMAGE_SIZE // GRID
-    patches = surface.reshape(GRID, side, GRID, side).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
-    words = []
-    for counts in (np.bincount(p, minlength=len(names)) for p in patches):
-        shape = counts[2:].argmax() + 2 if len(names) > 2 else 0
-        shown = len(names) > 2 and counts[shape] >= SHAPE_IN_PATCH * side * side  # a shape, if it shows
-        words.append(names[shape] if shown else names[counts[:2].argmax()])
-    return words
-
-
 def caption(rng: random.Random, scene: Scene) -> str:
     shapes = scene.shapes
     n = len(shapes)

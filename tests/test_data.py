@@ -365,7 +365,7 @@ def test_builtin_is_deterministic_llava_layout(builtin, tmp_path):
 
 def test_collate_obeys_contract(builtin):
     tok = ChatTokenizer(builtin["tokenizer"], "llama3")
-    targets = lambda sq, maps: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}
+    targets = lambda sq: {"depth": resize_normalize(sq, 14), "gen": resize_normalize(sq, 7)}
     ds = LLaVADataset(
         builtin["ift"],
         builtin["images"],

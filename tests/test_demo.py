@@ -60,10 +60,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 
 @pytest.mark.slow
-def test_the_demo_runs_end_to_end_at_a_token_budget(tmp_path):
+def test_the_demo_runs_end_to_end_at_a_token_budget(tmp_path, miniature_build):
     """Both models trained (one PT and one IFT step), evaluated and probed; the plot and the JSON of every
     number."""
-    cmd = [sys.executable, "demo.py", "--seeds", "0", "--epochs", "0.06,0.04", "--probe-images", "16"]
+    cmd = [sys.executable, "demo.py", "--seeds", "0", "--epochs", "0.15,0.1", "--probe-images", "16"]
     done = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     record = json.loads((tmp_path / "demo.json").read_text())

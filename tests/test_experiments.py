@@ -96,7 +96,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys, monkeypa
     every = dry_run(capsys, "--table", "5", "--variants", "all")
     assert sum(line.startswith("python eval.py") for line in every) == 7
     assert "python train.py --stage pt --mode llava --seed 0" in every[2]
-    assert "--epochs 2" in every[2] and "--epochs 7" in every[3]  # the default budget
+    assert "--epochs 1" in every[2] and "--epochs 1" in every[3]  # the default budget
     assert (
         sum(line.startswith("#") for line in dry_run(capsys, "--table", "3", "--variants", "d18-s18-g20"))
         == 1

@@ -128,12 +128,7 @@ def test_depth_probe_target_is_the_last_dinov2_block(tiny):
     y = teachers.probe_targets(x)
     dinov2 = teachers.teachers["depth"].encoder
     last = dinov2.config.n_layers - 1
-    # the tiny depth teacher reads the depth map: its targets are relative to the empty scene's (design §9)
-    empty = teachers.teachers["depth"].empty[None]
-    relative = (
-        dinov2.intermediate_layers(x["depth"], [last])[0] - dinov2.intermediate_layers(empty, [last])[0]
-    )
-    expected = torch.nn.functional.layer_norm(relative, relative.shape[-1:])
-    torch.testing.assert_close(y["depth"], expected, rtol=0, atol=1e-6)  # one batch vs two: fp32 rounding
+    expected = dinov2.intermediate_layers(x["depth"], [last])[0]  # the last block, final-normed
+    torch.testing.assert_close(y["depth"], expected, rtol=0, atol=0)
     assert not torch.allclose(y["depth"], teachers(x)["depth"])  # not the PT mean of 4 blocks
     assert torch.equal(y["seg"], teachers(x)["seg"]) and torch.equal(y["gen"], teachers(x)["gen"])
