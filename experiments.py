@@ -12,8 +12,9 @@ paper's numbers.
 Each run goes to runs/experiments/table<N>/<variant>/seed<S>: train.py's stages, log.txt (the output of its
 three commands) and result.json; a run whose result.json holds the same commands is not run again (--force
 reruns it). The table goes to runs/experiments/table<N>/results.{md,json}. The numbers are whatever the tiny
-model scores: a 1.4 M-parameter LLM trained for a few minutes is close to chance, and one seed on 100
-questions moves by several points, so they show that every row runs, not the paper's effects.
+model scores: the miniature's 1.4 M-parameter LLM is close to chance on the multiple-choice questions, and
+one seed on 200 questions moves by several points, so they show that every row runs, not the paper's
+effects.
 """
 
 from __future__ import annotations
