@@ -116,7 +116,7 @@ TABLES: dict[str, Table] = {
             WITH_RWQA,
             (
                 row("llava", ("single-encoder", ""), LLAVA, "56.0 61.0 38.8 57.8 53.4"),
-                row("ift", ("✗", "✓"), "--emb-losses ift", "57.7 62.9 38.8 57.5 54.2"),
+                row("tokens", ("✗ (<t> learnable)", "✗"), "--emb-losses none", "57.7 62.9 38.8 57.5 54.2"),
                 row("pt", ("✓", "✗"), "--emb-losses pt", "58.6 64.2 39.5 57.9 55.1"),
                 row("pt+ift", ("✓", "✓"), "--emb-losses pt+ift", "59.1 58.3 38.3 56.2 53.0"),
             ),

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench_models import Released, build_ours, dtypes, save_weights
 from budget import estimate_table
 from llm import LLM
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}  # relative loss difference the two sides may have
 

@@ -14,12 +14,15 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from encoders import CLIPVision, DINOv2
-from inference import autocast, compute_dtype
 from llm import LLM
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OLAVLM, OLAConfig, set_trainable
-from predictors import EmbeddingPredictors, SeekTokens
+from losses import embedding_loss
+from ola import OLAVLM, OLAConfig, embedding_predictors
+from precision import autocast, compute_dtype
+from predictors import SeekTokens
+from recipe import set_trainable
 from tasks import IMAGE, PAD, SYS, TASKS, TEXT
 from teachers import DepthTeacher, GenTeacher, SegTeacher, TargetEncoders
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 TRAINED = ("projector", "tokens", "predictors")  # what PT trains (Sec. 5.1); both sides start from one copy
 
@@ -122,7 +125,7 @@ class Released(nn.Module):
         self.tokens = SeekTokens(self.cfg.tasks, a.grid**2, H, self.cfg.num_seek_tokens)
         self.predictors = self.teachers = None
         if stage == "pt":
-            self.predictors = EmbeddingPredictors(self.cfg, H, a.layers, target_dims(a), a.grid**2)
+            self.predictors = embedding_predictors(self.cfg, H, a.layers, target_dims(a), a.grid**2)
             depth = tf.DepthAnythingForDepthEstimation.from_pretrained(
                 folder / "depth", dtype=frozen
             ).backbone
@@ -181,5 +184,11 @@ class Released(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         if targets is None:
             return loss
-        full = {t: targets[t].float() for t in self.cfg.tasks}
-        return loss + self.predictors(out.hidden_states, segments, self.tokens, full, has_image)[0]
+        cfg, scales = self.cfg, self.predictors.logit_scales
+        preds = self.predictors(out.hidden_states, segments, self.tokens)
+        for (t, _), p in preds.items():
+            emb = embedding_loss(
+                p, targets[t].float(), scales[t], has_image, cfg.sl1_weight, cfg.contrastive_weight
+            )
+            loss = loss + cfg.task_weight(t) * emb[0]
+        return loss

@@ -10,17 +10,16 @@ aggregate; then the markdown report in Tab. 1's column order.
 
 Rows are dicts {"id", "where" ("file:line", for messages), "prompt" (the text to send, suffix included),
 "image", + what the scorer needs}. "image" is a `pathlib.Path` (a file, checked to exist when read) or
-`bytes` (the encoded image file a parquet/JSONL embeds); `open_image(row)` opens either as RGB on demand,
-so reading 5k questions opens no image. Summaries hold fractions in [0, 1] (None for an empty group);
-only the report shows percentages. Pure Python + Pillow (pyarrow for parquet only): the answers come
-from eval.py.
+`bytes` (the encoded image file a parquet/JSONL embeds); `open_image(row)` opens either as RGB on demand
+(preprocess.read_image, the shared guard), so reading 5k questions opens no image. Summaries hold fractions
+in [0, 1] (None for an empty group); only the report shows percentages. No model code (pyarrow for parquet
+only): the answers come from eval.py.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
 import statistics
@@ -30,23 +29,23 @@ from pathlib import Path
 
 from PIL import Image
 
+from preprocess import IMAGE_FORMATS, read_image
 from scoring import normalize_answer, parse_choice, plain_text, vqa_accuracy
+from weights import read_jsonl
 
 
 # ----------------------------------------------------------------------------- 2. files, rows, images
+class MissingPackage(ImportError, ValueError):
+    """An optional package that reading some input needs; a ValueError too, so the command line ends in
+    one line naming the file (cli.user_errors)."""
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """("file:line", record) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got a {type(record).__name__}")
-            yield f"{path}:{n}", record
+    for n, record in read_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got a {type(record).__name__}")
+        yield f"{path}:{n}", record
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
@@ -54,7 +53,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+        raise MissingPackage(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
     records = (r for batch in pq.ParquetFile(path).iter_batches(batch_size=256) for r in batch.to_pylist())
     for n, record in enumerate(records, 1):
         yield f"{path}: row {n}", record
@@ -118,8 +117,10 @@ def _base64_image(text: str) -> bytes | None:
     except ValueError:
         return None
     try:
-        with Image.open(io.BytesIO(data)):
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):
             return data
+    except Image.DecompressionBombError:  # an image all the same: open_image refuses it, naming the row
+        return data
     except OSError:
         return None
 
@@ -147,14 +148,16 @@ def _image(where: str, value: object, folder: Path) -> Path | bytes:
 
 
 def open_image(row: dict) -> Image.Image:
-    """The row's image as RGB, read now."""
+    """The row's image as RGB, read now; an unreadable or refused one (preprocess.read_image: format,
+    shape, decompression bomb) is a ValueError naming the row."""
     image = row["image"]
-    source = io.BytesIO(image) if isinstance(image, bytes) else image
+    source, name = (
+        (io.BytesIO(image), f"of {len(image)} bytes") if isinstance(image, bytes) else (image, None)
+    )
     try:
-        with Image.open(source) as img:
-            return img.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{row['where']}: cannot read image {image!r:.80}: {e}") from None
+        return read_image(source, name)
+    except ValueError as e:
+        raise ValueError(f"{row['where']}: {e}") from None
 
 
 def _unique(rows: list[dict]) -> list[dict]:

@@ -51,9 +51,7 @@ def predictor_flops(tokens: int) -> float:
     total = 0.0
     for width, q, c in PREDICTORS.values():
         keys = tokens - SEEK + 8 + q  # its keys: <sys>|<img>|own <t>|<txt>, plus the latents
-        total += (
-            2 * keys * H * width + 2 * keys * width * 256 + 4 * q * keys * 128
-        )  # proj_in, to_kv, attention
+        total += 2 * keys * H * width + 2 * keys * width * 256 + 4 * q * keys * 128  # proj_in, to_kv, attn
         total += 2 * q * width * 256 + 4 * q * width**2 + 2 * q * width * c  # to_q + to_out, FF, proj_out
     return LAYERS_PER_TASK * total
 
@@ -65,9 +63,8 @@ def flops_per_sample() -> dict[str, float]:
     projector = 2 * IMAGE * (1024 * H + H * H)
     frozen_llm = 2 * llm_flops(t_pt, PT_LABELS)  # frozen: backward = input gradients only (about 1× forward)
     pt = vit_flops(*CLIP_L) + teachers + 3 * projector + frozen_llm + 3 * predictor_flops(t_pt)
-    released = (
-        pt + 2 * llm_flops(0, t_pt - PT_LABELS) + vit_flops(1024, 4096, 1, 577)
-    )  # all logits, 24 blocks
+    # the released step also computes all logits and runs CLIP's 24th block
+    released = pt + 2 * llm_flops(0, t_pt - PT_LABELS) + vit_flops(1024, 4096, 1, 577)
     ift = vit_flops(*CLIP_L) + 3 * projector + 3 * llm_flops(t_ift, IFT_LABELS)  # trained: 3× forward
     return {
         "pt": pt,
@@ -89,9 +86,7 @@ def memory_gb(stage: str, checkpointing: bool, fsdp: bool) -> dict[str, float]:
         trained = 2 * 1024 * H + 2 * IMAGE * H + 8 * H + 157.4e6  # projector, Q_depth, Q_seg, <g>, predictors
         states = (2 * (llm + clip) + 16 * trained) / shard + 2 * teachers
         micro, tokens, labels = PT_MICRO, SYS + IMAGE + SEEK + PT_TEXT, PT_LABELS
-        per_token_layer = (
-            12 * H + 4 * HKV + 6 * MLP
-        )  # frozen: norm inputs, q k v o of the attention, MLP acts
+        per_token_layer = 12 * H + 4 * HKV + 6 * MLP  # frozen: norm inputs, q k v o, MLP acts
         block_input = 2 * H  # bf16 residual stream
         predictors = sum(
             LAYERS_PER_TASK * ((tokens + q) * w * 8 + q * w * 10) for w, q, _ in PREDICTORS.values()

@@ -3,6 +3,7 @@ was expected, not a traceback (OLA_DEBUG=1 shows it). Bugs (any other exception)
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,3 +21,14 @@ def user_errors() -> Iterator[None]:
         if os.environ.get("OLA_DEBUG"):
             raise
         raise SystemExit(f"error: {e}\n(set OLA_DEBUG=1 for the traceback)") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (steps, batch sizes, limits, intervals)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value

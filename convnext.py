@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from checkpoint import load_strict, read_state_dict
 from preprocess import clip_preprocess
+from weights import load_strict, read_state_dict
 
 STRIDE = 32  # stem 4 × three stride-2 downsamples
 

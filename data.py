@@ -16,9 +16,9 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from chat import ChatTokenizer
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from preprocess import VIEWS, clip_preprocess, square_view
+from preprocess import VIEWS, clip_preprocess, read_image, square_view
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatTokenizer
+from weights import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,12 @@ def read_records(path: str | os.PathLike) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if "jsonl" in path.name:
+        return [record for _, record in read_jsonl(path)]
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if "jsonl" in path.name:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-        return records
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -153,16 +145,10 @@ class LLaVADataset(Dataset):
         if file is not None:
             if self.image_folder is None:
                 raise BadSample(f"image {file!r} but no image folder was given (--image-folder)")
-            path = self.image_folder / file
-            try:
-                with Image.open(path) as img:
-                    square = square_view(img.convert("RGB"), self.view)
-            except (
-                OSError,
-                ValueError,
-                Image.DecompressionBombError,
-            ) as e:  # missing, truncated, not an image
-                raise BadSample(f"cannot read image {path}: {e}") from None
+            try:  # missing, truncated, not an image, a refused format or shape (preprocess.read_image)
+                square = square_view(read_image(self.image_folder / file), self.view)
+            except ValueError as e:
+                raise BadSample(str(e)) from None
             image = self.image_preprocess(square)  # (3, S, S)
             if self.target_preprocess:
                 targets = self.target_preprocess(square)
@@ -201,19 +187,16 @@ class LLaVADataset(Dataset):
 def collate(batch: list[dict], pad_id: int, image_size: int = 0) -> dict:
     """Samples -> the batch dict (docs/design.md §5), right-padded. `image_size` only shapes an empty `images`
     (0, 3, S, S) when no sample has an image; target_images is {} without teachers."""
-    input_ids = pad_sequence(
-        [s["input_ids"] for s in batch], batch_first=True, padding_value=pad_id
-    )  # (B, T)
+    ids = [s["input_ids"] for s in batch]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)  # (B, T)
     labels = pad_sequence([s["labels"] for s in batch], batch_first=True, padding_value=IGNORE_INDEX)
     attention_mask = pad_sequence(
         [torch.ones_like(s["input_ids"], dtype=torch.bool) for s in batch], batch_first=True
     )
     with_image = [s for s in batch if s["image"] is not None]
-    images = (
-        torch.stack([s["image"] for s in with_image])
-        if with_image
-        else torch.zeros(0, 3, image_size, image_size)
-    )  # (N_img, 3, S, S)
+    images = torch.zeros(0, 3, image_size, image_size)  # (N_img, 3, S, S)
+    if with_image:
+        images = torch.stack([s["image"] for s in with_image])
     tasks = (with_image[0]["targets"] or {}) if with_image else {}
     return {
         "input_ids": input_ids,
@@ -259,11 +242,9 @@ class Loader:
         """This rank's index batches of `epoch`."""
         n = len(self.dataset)
         g = self.batch_size * self.world_size
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            if self.shuffle
-            else torch.arange(n)
-        )
+        order = torch.arange(n)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         order = order.repeat(-(-len(self) * g // n))[: len(self) * g]  # row k of the view = global batch k
         return order.view(len(self), self.world_size, self.batch_size)[:, self.rank].tolist()
 

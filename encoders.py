@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import config_json, load_with_table, save_with_table
 from convnext import ConvNeXt, ConvNeXtConfig
 from preprocess import clip_preprocess
+from weights import config_json, load_with_table, save_with_table
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -348,9 +348,8 @@ class DINOv2(nn.Module):
         self.grid = c.image_size // c.patch_size
         self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, c.hidden_size))
-        self.mask_token = nn.Parameter(
-            torch.zeros(1, c.hidden_size)
-        )  # masked pre-training only: strict loads
+        # masked pre-training only: strict loads
+        self.mask_token = nn.Parameter(torch.zeros(1, c.hidden_size))
         self.register_tokens = None
         if c.num_register_tokens:
             self.register_tokens = nn.Parameter(0.02 * torch.randn(1, c.num_register_tokens, c.hidden_size))
@@ -376,9 +375,8 @@ class DINOv2(nn.Module):
         else:
             size = dict(size=(h, w))
         table = F.interpolate(table, mode="bicubic", antialias=self.config.interpolate_antialias, **size)
-        return torch.cat(
-            [pos[:, :1], table.to(pos.dtype).flatten(2).transpose(1, 2)], dim=1
-        )  # (1, 1 + h·w, C)
+        table = table.to(pos.dtype).flatten(2).transpose(1, 2)  # (1, h·w, C)
+        return torch.cat([pos[:, :1], table], dim=1)  # (1, 1 + h·w, C)
 
     def intermediate_layers(
         self, pixels: torch.Tensor, blocks: list[int], norm: bool = True
@@ -424,9 +422,8 @@ class DINOv2(nn.Module):
         if c.num_register_tokens:
             raise ValueError("save_pretrained writes DINOv2 without registers only")
         ratio = c.intermediate_size / c.hidden_size
-        ratio = (
-            int(ratio) if ratio.is_integer() else ratio
-        )  # transformers' config wants an int where it is one
+        if ratio.is_integer():  # transformers' config wants an int where it is one
+            ratio = int(ratio)
         config = {
             "architectures": ["Dinov2Model"],
             "model_type": "dinov2",

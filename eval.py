@@ -16,29 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import torch
+from PIL import Image
 from tqdm import tqdm
 
 import miniature
 import shapes
 from benchmarks import BENCHMARKS, Benchmark, open_image, report_table
-from chat import ChatTokenizer
-from checkpoint import last_complete
-from cli import user_errors
-from inference import (
-    DEFAULT_RUN,
-    PRECISIONS,
-    answer,
-    chat,
-    device_and_dtype,
-    image_inputs,
-    load_model,
-)
+from cli import positive_int, user_errors
+from inference import DEFAULT_RUN, answer, chat, image_inputs, image_pixels, load_model, prompt_ids
+from losses import cosine
 from ola import OLAVLM
+from precision import PRECISIONS, device_and_dtype
 from preprocess import square_view
 from scoring import normalize_answer, parse_choice, vqa_accuracy
 from tasks import add_teacher_args, make_teachers, teacher_paths
+from teachers import TargetEncoders
+from tokenizer import ChatTokenizer
+from weights import last_complete
 
 __all__ = ["BENCHMARKS", "normalize_answer", "parse_choice", "run_benchmark", "vqa_accuracy"]
 
@@ -72,12 +70,27 @@ def run_benchmark(
 
 
 def write_results(out: Path, records: list[dict], summary: dict, info: dict) -> None:
-    """<out>/predictions.jsonl and <out>/summary.json."""
+    """<out>/predictions.jsonl and <out>/summary.json, as a pair (docs/design.md §12, Faults): both are
+    written to hidden temporary names first, so a failed write (a full disk) leaves the previous pair as it
+    was and names the file; then the old summary goes, the new predictions and the new summary are renamed
+    in, so a reader never sees a summary beside predictions that are not its own."""
+    files = {
+        out / "predictions.jsonl": "".join(json.dumps(record, default=str) + "\n" for record in records),
+        out / "summary.json": json.dumps({**info, "metrics": summary}, indent=1),
+    }
+    temporary = {path: path.with_name(f".{path.name}.tmp") for path in files}
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record, default=str) + "\n")
-    (out / "summary.json").write_text(json.dumps({**info, "metrics": summary}, indent=1))
+    for path, text in files.items():
+        try:
+            temporary[path].write_text(text)
+        except OSError as e:
+            for tmp in temporary.values():
+                tmp.unlink(missing_ok=True)
+            reason = getattr(e, "strerror", None) or e
+            raise OSError(f"could not write {path}: {reason}; nothing there was replaced") from None
+    (out / "summary.json").unlink(missing_ok=True)
+    for path, tmp in temporary.items():  # predictions first: the summary arrives last
+        tmp.replace(path)
 
 
 def print_summary(name: str, summary: dict) -> None:
@@ -98,13 +111,95 @@ def collect_summaries(folders: list[str]) -> dict[str, dict[str, dict]]:
     summaries: dict[str, dict[str, dict]] = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob("summary.json")):
-            result = json.loads(path.read_text())
-            if "benchmark" not in result:
-                continue
+            try:
+                result = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a readable summary.json ({e}); rerun its benchmark") from None
+            if not isinstance(result, dict) or "benchmark" not in result:
+                continue  # another tool's summary
+            missing = [f"'{key}'" for key in ("model", "metrics") if key not in result]
+            if missing:
+                raise ValueError(f"{path}: a benchmark summary without {' and '.join(missing)}")
             summaries.setdefault(result["model"], {})[result["benchmark"]] = result["metrics"]
     if not summaries:
         raise FileNotFoundError(f"no benchmark summary.json under {folders}")
     return summaries
+
+
+# ----------------------------------------------------------------------------- show (Fig. 6)
+# For one image, the predictors' outputs at every supervised layer beside the teachers' targets, as PCA colour
+# maps fitted jointly on both (Fig. 6).
+@torch.no_grad()
+def predicted_features(
+    model: OLAVLM,
+    tok: ChatTokenizer,
+    teachers: TargetEncoders,
+    image: str | Path,
+    prompt: str = shapes.PT_PROMPTS[0],
+) -> tuple[Image.Image, dict]:
+    """PT predictors' outputs at every supervised layer and the teachers' targets for one image
+    (PT's center-crop view) -> (square image, {(task, layer): (pred (N, C), target (N, C))})."""
+    if model.predictors is None:
+        raise ValueError(
+            "this checkpoint has no embedding predictors: pass a PT checkpoint (e.g. runs/tiny/pt/final)"
+        )
+    square, pixels = image_pixels(image, model.vision, view="crop")
+    device = model.projector[0].weight.device
+    targets = teachers({t: x[None].to(device) for t, x in teachers.preprocess(square).items()})
+    ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
+    out = model(
+        ids,
+        torch.ones_like(ids, dtype=torch.bool),
+        images=pixels[None].to(device),
+        has_image=torch.tensor([True], device=device),
+        targets=targets,
+    )
+    return square, {
+        (t, layer): (p[0].float(), targets[t][0].float()) for (t, layer), p in out.predictions.items()
+    }
+
+
+def pca_rgb(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) x 2 -> two (h, w, 3) images in [0, 1]: the top-3 principal components of the
+    prediction and target tokens, fitted jointly so both use the same colours."""
+    x = torch.cat([pred, target])
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)  # v: (min(2N, C), C)
+    y = x @ v[:3].T  # (2N, 3)
+    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
+    y = ((y - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1)
+    side = math.isqrt(len(pred))
+    return y[: len(pred)].view(side, side, -1), y[len(pred) :].view(side, side, -1)
+
+
+def show(square: Image.Image, features: dict, path: Path) -> None:
+    """One row per spatial task: the input, then per supervised layer the PCA of the prediction
+    beside the target's (Fig. 6), titled with their cosine similarity."""
+    from matplotlib.figure import Figure
+
+    tasks = [t for t in ("depth", "seg") if any(k[0] == t for k in features)]
+    layers = {t: sorted(layer for task, layer in features if task == t) for t in tasks}
+    ncols = 1 + 2 * max(map(len, layers.values()))
+    fig = Figure(figsize=(2.2 * ncols, 2.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, t in zip(axes, tasks):
+        row[0].imshow(square)
+        row[0].set_title(f"input ({t})", fontsize=9)
+        for k, layer in enumerate(layers[t]):
+            pred, target = features[(t, layer)]
+            cos = cosine(pred[None], target[None]).item()
+            for ax, img, name in zip(
+                row[1 + 2 * k : 3 + 2 * k], pca_rgb(pred, target), ("predicted", "target")
+            ):
+                ax.imshow(img.numpy(), interpolation="nearest")
+                ax.set_title(
+                    f"{t} L{layer} {name}" + (f"\ncos {cos:.2f}" if name == "predicted" else "\n"), fontsize=9
+                )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -139,16 +234,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         s = sub.add_parser(name, parents=[common], help=what)
         s.add_argument("--data", required=name != "qa", help="the benchmark's file or folder")
         s.add_argument("--images", help="folder image paths are relative to (default: the data's folder)")
-        s.add_argument("--limit", type=int, help="only the first N questions")
-        s.add_argument("--batch-size", type=int, default=16)
-        s.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (128 or 16)")
+        s.add_argument("--limit", type=positive_int, help="only the first N questions")
+        s.add_argument("--batch-size", type=positive_int, default=16)
+        s.add_argument("--max-new-tokens", type=positive_int, help="default: the benchmark's (128 or 16)")
     s = sub.add_parser("report", help="one markdown table (Tab. 1's columns) of every summary.json found")
     s.add_argument("folders", nargs="+", help="eval folders, e.g. runs/*/eval")
     s.add_argument("--paper", action="store_true", help="add the paper's Tab. 1 rows")
     s = sub.add_parser("chat", parents=[common], help="answer one prompt, streaming")
     s.add_argument("--image", help="image file (omit for a text-only prompt)")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--max-new-tokens", type=positive_int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
     s = sub.add_parser("show", parents=[common], help="PCA pictures of the PT predictors' depth/seg features")
     s.add_argument("--image", required=True)
@@ -176,18 +271,21 @@ def main(argv=None) -> None:
     if args.command == "report":
         print(report_table(collect_summaries(args.folders), paper=args.paper))
         return
-    device, dtype = device_and_dtype(args.dtype)
-    with_predictors = args.command == "show"
-    model, tok = load_model(
-        args.model, args.tokenizer, with_predictors=with_predictors, device=device, dtype=dtype
-    )
-    if args.command in BENCHMARK_HELP:
+    if args.command in BENCHMARK_HELP:  # the questions first: bad data fails before the model loads
         name = "builtin" if args.command == "qa" else args.command
         if args.command == "qa" and not args.data:
             builtin = miniature.builtin()
             args.data, args.images = builtin["qa_val"], args.images or builtin["images"]
         benchmark = BENCHMARKS[name]
         rows = benchmark.read(args.data, args.images)[: args.limit]
+        if not rows:
+            raise ValueError(f"{args.data}: no questions, expected at least one {name} record")
+    device, dtype = device_and_dtype(args.dtype)
+    with_predictors = args.command == "show"
+    model, tok = load_model(
+        args.model, args.tokenizer, with_predictors=with_predictors, device=device, dtype=dtype
+    )
+    if args.command in BENCHMARK_HELP:
         records = run_benchmark(model, tok, benchmark, rows, args.batch_size, args.max_new_tokens)
         summary = benchmark.aggregate(records)
         print_summary(name, summary)
@@ -197,8 +295,6 @@ def main(argv=None) -> None:
     elif args.command == "chat":
         chat(model, tok, args.prompt, args.image, args.max_new_tokens, args.temperature)
     else:
-        from pictures import predicted_features, show  # matplotlib only when a picture is asked for
-
         paths = args.teachers or miniature.teacher_folders(model.cfg.tasks)
         teachers = make_teachers(paths, model.cfg.tasks, model.vision.grid, dtype).to(device)
         square, features = predicted_features(model, tok, teachers, args.image, args.prompt)

@@ -7,7 +7,6 @@ paper's numbers.
     python experiments.py --table III --dry-run     # print the commands only
     python experiments.py --table IV --seeds 0 1 2  # mean ± sample std over seeds
     python experiments.py --table 1 --epochs tiny   # train.py's own tiny budget (≈3 min per run)
-    python experiments.py --demo                    # demo.py: LLaVA-1.5 vs OLA-VLM, probes + QA, 3 seeds
 
 Each run goes to runs/experiments/table<N>/<variant>/seed<S>: train.py's stages, log.txt (the output of its
 three commands) and result.json; a run whose result.json holds the same commands is not run again (--force
@@ -314,9 +313,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--demo"]:  # python experiments.py --demo [demo.py's flags]
-        import demo
-
-        demo.main(sys.argv[2:])
-    else:
-        main()
+    main()

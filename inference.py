@@ -4,7 +4,6 @@ the square view of an image, batched greedy (or sampled) answers with left paddi
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from itertools import takewhile
 from pathlib import Path
 
@@ -13,40 +12,15 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
 import miniature
-from chat import ChatTokenizer
+from checkpoint import from_checkpoint
 from ola import OLAVLM
-from preprocess import square_view
+from preprocess import read_image, square_view
+from tokenizer import ChatTokenizer, check_vocabulary, find_tokenizer
 
 DEFAULT_RUN = Path("runs/tiny")  # where `python train.py` writes
 
 
 # ----------------------------------------------------------------------------- loading
-PRECISIONS = ("auto", "fp32", "bf16")  # --dtype of train.py, probe.py, eval.py
-
-
-def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype of the frozen weights and of autocast (docs/design.md §6): 'bf16', 'fp32', or 'auto' = bf16
-    on a GPU, fp32 on a CPU. Trained weights stay fp32 (master weights) whatever it is."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--dtype: expected one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """cuda when there is one, else cpu, and its compute dtype."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, compute_dtype(device, precision)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast when the compute dtype is bf16 (on a CPU too: AMX), else nothing."""
-    if dtype == torch.bfloat16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def load_model(
     folder: str | Path,
     tokenizer: str | Path | None = None,
@@ -63,27 +37,17 @@ def load_model(
             f"{folder}: not an OLA checkpoint (no config.json); train one with "
             f"`python train.py` or pass the checkpoint folder"
         )
-    model = OLAVLM.from_checkpoint(folder, dtype=dtype, device=device, with_predictors=with_predictors).eval()
-    llm_folder = model.sources.get("llm")
-    if tokenizer:
-        path = Path(tokenizer)
-    elif (folder / "tokenizer.json").is_file():
-        path = folder / "tokenizer.json"
-    elif llm_folder:
-        path = Path(llm_folder) / "tokenizer.json"
-    elif getattr(model, "released", None) is not None:
+    model = from_checkpoint(folder, dtype=dtype, device=device, with_predictors=with_predictors).eval()
+    path = find_tokenizer(tokenizer, folder, model.sources.get("llm"))
+    if path is None and getattr(model, "released", None) is not None:
         raise FileNotFoundError(
             f"{folder}: a released checkpoint without tokenizer.json: pass --tokenizer (the tokenizer.json "
             f"of its LLM, e.g. Phi-3-mini-4k-instruct's)"
         )
-    else:
+    if path is None:  # a tiny LLM stored in the checkpoint: the built-in tokenizer
         path = Path(miniature.builtin()["tokenizer"])
     tok = ChatTokenizer(path, "phi3" if model.llm.config.model_type == "phi3" else "llama3")
-    if tok.vocab_size > model.llm.config.vocab_size:
-        raise ValueError(
-            f"tokenizer {path} has {tok.vocab_size} tokens, the LLM of {folder} only "
-            f"{model.llm.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)"
-        )
+    check_vocabulary(tok, model.llm.config.vocab_size)
     return model, tok
 
 
@@ -93,12 +57,9 @@ def prompt_ids(tok: ChatTokenizer, prompt: str, with_image: bool = True) -> list
 
 
 def image_pixels(path: str | Path, tower, view: str = "pad") -> tuple[Image.Image, torch.Tensor]:
-    """The square view (pad at inference, crop for PT; docs/design.md §2) and the base encoder's pixels."""
-    try:
-        with Image.open(path) as img:
-            square = square_view(img.convert("RGB"), view)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    """The square view (pad at inference, crop for PT; docs/design.md §2) and the base encoder's pixels.
+    An unreadable or refused image (preprocess.read_image) is a ValueError naming `path`."""
+    square = square_view(read_image(path), view)
     return square, tower.preprocess(square)
 
 
@@ -125,8 +86,21 @@ def answer(
 ) -> list[str]:
     """Answers to a batch of prompts (one image each, or none), greedy by default. OLAVLM.generate
     left-pads the spliced sequences, so the batch can mix prompt lengths. `teacher_images`: image_inputs'
-    teachers' pixels, for the baselines that take them."""
+    teachers' pixels, for the baselines that take them. A prompt whose positions (its tokens, the image's
+    image_seq_len - 1 beyond its placeholder, max_new_tokens) exceed the LLM's max_position_embeddings is
+    refused: positions past those it was trained on give no answer worth having."""
     rows = [torch.tensor(prompt_ids(tok, p, images is not None)) for p in prompts]
+    limit = model.llm.config.max_position_embeddings
+    image = model.image_seq_len - 1 if images is not None else 0
+    for prompt, row in zip(prompts, rows):
+        total = len(row) + image + max_new_tokens
+        if total > limit:
+            shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            raise ValueError(
+                f"prompt {shown!r}: {len(row)} tokens + {image} image positions + {max_new_tokens} new "
+                f"tokens = {total} positions, more than the LLM's {limit} (max_position_embeddings): shorten "
+                f"the prompt or the answer"
+            )
     ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id)  # (B, T) right-padded
     mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]  # (B, T)
     device = model.projector[0].weight.device
@@ -138,7 +112,7 @@ def answer(
             task: torch.stack([t[task] for t in teacher_images]).to(device, dtype)
             for task in teacher_images[0]
         }
-    out = model.generate(
+    out = model.generate(  # (B, n_new)
         ids.to(device),
         mask.to(device),
         images=pixels,
@@ -147,7 +121,7 @@ def answer(
         temperature=temperature,
         eos_token_ids=tok.eos_ids,
         streamer=streamer,
-    )  # (B, n_new)
+    )
     return [tok.decode(takewhile(lambda t: t not in tok.eos_ids, row)).strip() for row in out.tolist()]
 
 

@@ -6,7 +6,6 @@ rotate-half RoPE with fp32 cos/sin, grouped-query attention, SwiGLU MLP; decodin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import load_strict, read_state_dict, save_with_table
 from generate import KVCache, generate, sample
+from weights import load_strict, read_json, read_state_dict, save_with_table
 
 __all__ = ["LLM", "LLMConfig", "KVCache", "sample"]
 
@@ -93,7 +92,7 @@ class LLMConfig:
         `rope_scaling`, or transformers-5 `rope_parameters`). EOS ids of a `generation_config.json`
         next to it are added (Phi-3 chat turns end with <|end|>, which only that file lists)."""
         path = Path(path)
-        cfg = json.loads(path.read_text())
+        cfg = read_json(path)
         if cfg.get("model_type") not in ("llama", "phi3"):
             raise ValueError(
                 f"{path}: model_type {cfg.get('model_type')!r} is not supported (expected 'llama' or 'phi3')"
@@ -112,10 +111,8 @@ class LLMConfig:
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         act = cfg.get("hidden_act", "silu")
         partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if (act, partial) != (
-            "silu",
-            1,
-        ):  # (biases need no check: strict loading reports them as unexpected keys)
+        # (biases need no check: strict loading reports them as unexpected keys)
+        if act != "silu" or partial != 1:
             raise ValueError(
                 f"{path}: hidden_act={act!r}, partial_rotary_factor={partial} is not supported "
                 f"(expected 'silu', 1.0)"
@@ -130,7 +127,7 @@ class LLMConfig:
             raise ValueError(f"{path}: llama3 rope scaling needs {sorted(llama3_keys)}, found {sorted(rope)}")
         eos = []
         for f in (path, path.parent / "generation_config.json"):
-            e = json.loads(f.read_text()).get("eos_token_id") if f.exists() else None
+            e = read_json(f).get("eos_token_id") if f.exists() else None
             if isinstance(e, int):
                 eos.append(e)
             elif e is not None:
@@ -358,11 +355,9 @@ class LLM(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T = x.shape[:2]
-        mask = (
-            torch.ones(B, T, dtype=torch.bool, device=x.device)
-            if attention_mask is None
-            else attention_mask.bool()
-        )
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if attention_mask is not None:
+            mask = attention_mask.bool()
         if use_cache and kv_cache is None:
             kv_cache = KVCache.empty(B, T, x.device)
         if kv_cache is not None:

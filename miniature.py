@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 import pretrain
 import shapes
-from chat import ChatTokenizer
-from checkpoint import build_once, read_json
 from encoders import CLIPVision, CLIPVisionConfig, DINOv2, DINOv2Config
 from llm import LLM, LLMConfig
 from preprocess import resize_normalize
 from swin import Swin, SwinConfig
+from tokenizer import ChatTokenizer
+from weights import build_once, read_json
 
 PARTS = ("llm", "clip", "depth", "seg", "gen")  # the pretrained parts, each a folder of the build
 

@@ -9,28 +9,19 @@ With no tasks and N_seek = 0 the same class is exactly LLaVA-1.5, the baseline o
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from checkpoint import load_strict, read_json, read_state_dict, write_folder
-from concat import TeacherInputs, mlp2x_gelu
-from encoders import VISION_TOWERS
-from llm import LLM, LLMConfig
-from losses import ntp_loss
+from llm import LLM
+from losses import embedding_loss, ntp_loss
 from predictors import KEY_INPUTS, EmbeddingPredictors, SeekTokens
-from tasks import IMAGE, PAD, PAPER_TOKEN_ORDER, SYS, TASKS, TEXT, check_tasks, load_teachers, tiny_teachers
-from teachers import TargetEncoders
+from tasks import IMAGE, PAD, PAPER_TOKEN_ORDER, SYS, TASKS, TEXT, check_tasks
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids, replaced by the image + special tokens
-IGNORE_INDEX = -100  # labels of positions without a next-token loss
 MODES = ("ola", "feat-concat", "token-concat")  # distil the teachers, or feed their features (Tab. 1)
 
 
@@ -40,9 +31,7 @@ class OLAConfig:
 
     tasks: tuple[str, ...] = ("depth", "seg", "gen")  # distilled teachers (App. Tab. II); () = LLaVA-1.5
     mode: str = "ola"  # or a multi-encoder baseline: the tasks' teachers are inputs (Tab. 1; concat.py)
-    layer_sets: dict[str, tuple[int, ...]] = field(
-        default_factory=dict
-    )  # task -> layers (32-layer LLM); Tab. 3
+    layer_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # task -> layers (of 32); Tab. 3
     num_seek_tokens: int = 8  # N_seek special tokens per task in the sequence (Tab. 5); 0 = none
     token_order: tuple[str, ...] | None = None  # order of the <t> blocks (App. Tab. III); None: <g>|<d>|<s>
     task_weights: dict[str, float] = field(default_factory=dict)  # λ_task (App. Tab. IV); missing: 0.5
@@ -67,6 +56,15 @@ class OLAConfig:
         extra = set(self.layer_sets) | set(self.task_weights)
         if extra - set(TASKS):
             raise ValueError(f"layer_sets / task_weights name unknown task(s) {sorted(extra - set(TASKS))}")
+        for task, layers in self.layer_sets.items():
+            if not layers or not all(1 <= layer <= 32 for layer in layers):
+                raise ValueError(
+                    f"layer_sets {task}={list(layers)}: expected layers 1..32 (of a 32-layer LLM)"
+                )
+        weights = {"sl1_weight": self.sl1_weight, "contrastive_weight": self.contrastive_weight}
+        weights.update({f"task_weights {task}": w for task, w in self.task_weights.items()})
+        if negative := [f"{name}={w}" for name, w in weights.items() if w < 0]:
+            raise ValueError(f"{', '.join(negative)}: a loss weight must be >= 0 (a negative one ascends)")
         if self.key_input not in KEY_INPUTS:
             raise ValueError(f"key_input {self.key_input!r}: expected one of {list(KEY_INPUTS)}")
         if self.mode not in MODES:
@@ -107,10 +105,42 @@ class OLAOutput:
     segments: torch.Tensor | None = None
 
 
+def embedding_predictors(
+    cfg: OLAConfig,
+    hidden: int,
+    n_layers: int,
+    target_dims: dict[str, int],
+    num_image_tokens: int,
+    own_latents: bool = False,
+) -> EmbeddingPredictors:
+    """The predictors P_task^l of cfg (Sec. 4.1): each task's layer set scaled to an `n_layers` LLM, a logit
+    scale per task when the contrastive term is on (Sec. 4.2)."""
+    return EmbeddingPredictors(
+        {task: cfg.layer_set(task, n_layers) for task in cfg.tasks},
+        target_dims,
+        hidden,
+        num_image_tokens,
+        cfg.key_input,
+        cfg.predictor_heads,
+        cfg.predictor_dim_head,
+        cfg.predictor_depth,
+        cfg.logit_scale_init if cfg.contrastive_weight else None,
+        own_latents,
+    )
+
+
+def mlp2x_gelu(width: int, hidden: int) -> nn.Sequential:
+    """LLaVA-1.5's projector (Sec. 5.1): Linear -> GELU -> Linear."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
 class OLAVLM(nn.Module):
     """LLaVA-1.5-style MLLM with OLA-VLM's special tokens and embedding predictors (Fig. 4). Components:
     `vision` (the frozen base encoder), `projector` (mlp2x_gelu), `tokens` (<t>, or None), `llm`, and in PT
-    `predictors` (or None). `sources`: the weight folder of each base component (None = random init)."""
+    `predictors` (or None). `sources`: the weight folder of each base component (None = random init).
+    `extra_width`: feature channels the projector reads beyond the base encoder's (feat-concat; concat.py)."""
+
+    modes = ("ola",)  # the cfg.mode values this class builds; the baselines are concat.ConcatVLM
 
     def __init__(
         self,
@@ -119,34 +149,30 @@ class OLAVLM(nn.Module):
         vision: nn.Module,
         target_dims: dict[str, int] | None = None,
         sources: dict[str, str | None] | None = None,
-        teachers: TargetEncoders | None = None,
+        extra_width: int = 0,
     ):
         super().__init__()
+        if cfg.mode not in self.modes:
+            raise ValueError(f"mode {cfg.mode!r} is a baseline of Tab. 1: build it with concat.ConcatVLM")
         self.cfg = cfg
         self.sources = dict(sources or {"llm": None, "vision": None})
         H = llm.config.hidden_size
         self.num_image_tokens = vision.num_tokens  # 576 for both base encoders
-        self.teachers = self.inputs = None  # the multi-encoder baselines' input teachers (Tab. 1; concat.py)
-        if cfg.mode != "ola":
-            if teachers is None or set(teachers.dims) != set(cfg.tasks):
-                raise ValueError(f"mode {cfg.mode} needs the teachers of {list(cfg.tasks)} as its input")
-            self.teachers = teachers.requires_grad_(False)
-            self.inputs = TeacherInputs(cfg.mode, cfg.token_order, teachers.dims, H, cfg.num_seek_tokens)
-        n_special = len(cfg.tasks) * cfg.num_seek_tokens if cfg.mode == "ola" else 0
-        extra = self.inputs.n_positions if self.inputs else 0
-        self.image_seq_len = self.num_image_tokens + n_special + extra  # positions one <image> becomes
+        distills = cfg.mode == "ola"  # the baselines feed their teachers instead (concat.py)
+        n_special = len(cfg.tasks) * cfg.num_seek_tokens if distills else 0
+        self.image_seq_len = self.num_image_tokens + n_special  # positions one <image> becomes
+        self.teachers = None  # the baselines' input teachers (Tab. 1; concat.ConcatVLM)
         self.vision = vision.requires_grad_(False)
         self.llm = llm
-        width = vision.width + (self.inputs.extra_width if self.inputs else 0)
-        self.projector = mlp2x_gelu(width, H)  # (Sec. 5.1)
+        self.projector = mlp2x_gelu(vision.width + extra_width, H)  # (Sec. 5.1)
         self.tokens = None
         if n_special:
             self.tokens = SeekTokens(cfg.tasks, self.num_image_tokens, H, cfg.num_seek_tokens)
         self.target_dims = None
         self.predictors = None
-        if target_dims and cfg.tasks and cfg.mode == "ola":
+        if target_dims and cfg.tasks and distills:
             self.target_dims = {task: target_dims[task] for task in cfg.tasks}
-            self.predictors = EmbeddingPredictors(
+            self.predictors = embedding_predictors(
                 cfg,
                 H,
                 llm.config.n_layers,
@@ -160,20 +186,11 @@ class OLAVLM(nn.Module):
         self, images: torch.Tensor, teacher_images: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """(n, 3, S, S) -> (n, 576 + k, H): the frozen base encoder's features through the projector, then
-        the k inserted tokens: the <t> blocks (OLA-VLM), or the teachers' tokens (token-concat; Tab. 1)."""
+        the k = n_tasks · N_seek special tokens <t> (Sec. 4.1). `teacher_images` is for the baselines."""
         dtype = self.projector[0].weight.dtype
         with torch.no_grad():
             feats = self.vision.features(images).to(dtype)  # (n, 576, 1024 | 3072)
-        extra = None
-        if self.inputs is not None:
-            if teacher_images is None:
-                raise ValueError(f"mode {self.cfg.mode} feeds the teachers' features: pass teacher_images")
-            extra = self.inputs.features(self.teachers, teacher_images)  # {task: (n, 576 or 1, C)}
-        if self.cfg.mode == "feat-concat":
-            feats = self.inputs.concat(feats, extra)  # (n, 576, 1024 + 4608 - 1024)
         img = self.projector(feats)  # (n, 576, H)
-        if self.cfg.mode == "token-concat":
-            return torch.cat([img, self.inputs.tokens(extra, dtype)], dim=1)  # (n, 576 + 24, H)
         special = self.special_tokens(dtype, img.device)  # (24, H) or (0, H)
         return torch.cat([img, special.expand(len(img), -1, -1)], dim=1)
 
@@ -285,13 +302,33 @@ class OLAVLM(nn.Module):
             if has_image is None:
                 raise ValueError("PT forward needs has_image to align targets with samples")
             full = self.full_targets(targets, has_image, embeds)
-            emb, emb_terms, predictions = self.predictors(
-                out.hidden_states, segments, self.tokens, full, has_image
-            )
+            predictions = self.predictors(out.hidden_states, segments, self.tokens)
+            emb, emb_terms = self.embedding_losses(predictions, full, has_image)
             loss = loss + emb
             terms.update(emb_terms, emb=emb.detach())
+            predictions = {key: pred.detach() for key, pred in predictions.items()}
         hidden = out.hidden_states if output_hidden_states else None
         return OLAOutput(loss, terms, predictions, hidden, segments)
+
+    def embedding_losses(
+        self, predictions: dict[tuple[str, int], torch.Tensor], targets: dict[str, torch.Tensor], valid
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Σ_task λ_task Σ_l (λ_sL1 · smooth-L1 + λ_con · InfoNCE) (Eq. 1, Sec. 4.2) and every term, detached.
+        `targets[task]` is (B, ...); rows of samples without an image (valid False) are ignored."""
+        cfg = self.cfg
+        scales = self.predictors.logit_scales
+        total = 0.0
+        terms = {}
+        for (task, layer), pred in predictions.items():
+            scale = None if scales is None else scales[task]
+            emb, sl1, con = embedding_loss(
+                pred, targets[task], scale, valid, cfg.sl1_weight, cfg.contrastive_weight
+            )
+            total = total + cfg.task_weight(task) * emb
+            terms[f"{task}@{layer}/sl1"] = sl1.detach()
+            if con is not None:
+                terms[f"{task}@{layer}/con"] = con.detach()
+        return total, terms
 
     @torch.no_grad()
     def generate(
@@ -308,109 +345,6 @@ class OLAVLM(nn.Module):
         )
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attn, **kwargs)
 
-    # ------------------------------------------------------------------ checkpoints (docs/design.md §12)
-    def config_dict(self, stored: list[str]) -> dict:
-        return {
-            "ola": asdict(self.cfg),
-            "llm": asdict(self.llm.config),
-            "vision": {"kind": self.vision.kind, "config": asdict(self.vision.config)},
-            "target_dims": self.target_dims,
-            "sources": self.sources,
-            "stored": stored,
-        }
-
-    def save(
-        self,
-        folder: str | os.PathLike,
-        components: tuple[str, ...],
-        state: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Write config.json + model.safetensors holding `components` (and every base component that has no
-        source folder). `state`: a full state dict gathered under FSDP (default: ours). Written to a
-        temporary folder, then renamed: a checkpoint is never half-written."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        state = self.state_dict() if state is None else state
-        unsourced = {c for c in ("llm", "vision", "teachers") if not self.sources.get(c)}
-        stored = [c for c in sorted(set(components) | unsourced) if getattr(self, c) is not None]
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0] in stored}
-
-        def write(tmp: Path) -> None:
-            save_file(state, str(tmp / "model.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(self.config_dict(stored), indent=2))
-
-        write_folder(folder, write)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        folder: str | os.PathLike,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        with_predictors: bool = True,
-    ) -> OLAVLM:
-        """Rebuild a model saved by `save`: base components the checkpoint does not store from their source
-        folders, the others allocated uninitialised (meta device), then every stored part loaded strictly.
-        A folder of the authors' released models (config.json with `architectures`) goes to from_released."""
-        config = read_json(Path(folder) / "config.json")
-        if "architectures" in config:
-            return cls.from_released(folder, dtype, device, with_predictors)
-        sources, stored = config["sources"], config["stored"]
-        cfg = OLAConfig.from_dict(config["ola"])
-        tower_cls, tower_cfg_cls = VISION_TOWERS[config["vision"]["kind"]]
-
-        def empty(module_cls, module_cfg):
-            with torch.device("meta"):
-                module = module_cls(module_cfg)
-            return module.to_empty(device=device)
-
-        if "llm" in stored:
-            llm = empty(LLM, LLMConfig(**config["llm"]))
-        else:
-            llm = LLM.from_pretrained(sources["llm"], dtype=dtype, device=device)
-        tower_cfg = tower_cfg_cls(**config["vision"]["config"])
-        if "vision" in stored:
-            vision = empty(tower_cls, tower_cfg)
-        else:
-            vision = tower_cls.from_pretrained(sources["vision"], dtype=dtype)
-            vision.config = tower_cfg  # e.g. the select layer the model was trained with
-        target_dims = config["target_dims"] if with_predictors else None
-        teachers = None
-        if cfg.mode != "ola":  # the baselines' input teachers: from their folders, or tiny ones loaded below
-            grid = math.isqrt(vision.num_tokens)
-            if "teachers" in stored:
-                teachers = tiny_teachers(cfg.tasks, grid)
-            else:
-                teachers = load_teachers(sources["teachers"], grid, dtype)
-        model = cls(cfg, llm, vision, target_dims, sources, teachers).to(device=device, dtype=dtype)
-        return model.load_components(folder)
-
-    @classmethod
-    def from_released(
-        cls,
-        folder: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        with_predictors: bool = True,
-    ) -> OLAVLM:
-        """A shi-labs released OLA-VLM folder (IFT `LlavaLlamaForCausalLM` and its Phi-3 / ConvNeXt variants,
-        PT `OlaLlavaLlamaForCausalLM`) through released.py's key table; dtype None keeps the stored one."""
-        from released import load_released  # released.py imports this module
-
-        return load_released(folder, dtype=dtype, device=device, with_predictors=with_predictors)
-
-    @staticmethod
-    def stored_config(folder: str | os.PathLike) -> OLAConfig:
-        """The OLAConfig of a checkpoint folder, ours or a released one, without loading its weights."""
-        folder = Path(folder)
-        config = read_json(folder / "config.json")
-        if "architectures" in config:
-            from released import parse_config, read_headers
-
-            return parse_config(config, read_headers(folder)[0], folder).ola
-        return OLAConfig.from_dict(config["ola"])
-
     def drop_tokens(self) -> None:
         """Remove the special tokens from the model and its sequence (N_seek = 0; Tab. 6 "dropped")."""
         if self.predictors is not None:
@@ -418,64 +352,3 @@ class OLAVLM(nn.Module):
         self.cfg.num_seek_tokens = 0
         self.tokens = None
         self.image_seq_len = self.num_image_tokens
-
-    def load_components(self, folder: str | os.PathLike) -> OLAVLM:
-        """Strictly load every component a checkpoint stores (those this model has)."""
-        stored = read_json(Path(folder) / "config.json")["stored"]
-        stored = [c for c in stored if getattr(self, c) is not None]
-
-        def wanted(key: str) -> bool:
-            return key.split(".")[0] in stored
-
-        state = read_state_dict(folder, keep=wanted)
-        for component in stored:
-            prefix = component + "."
-            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            load_strict(getattr(self, component), sub, f"{folder} [{component}]")
-        return self
-
-
-STAGE_TRAINABLE = {  # Sec. 5.1: what each stage trains
-    "pt": ("projector", "tokens", "predictors"),
-    "vpt": ("llm", "projector"),
-    "ift": ("llm", "projector"),
-}
-COMPONENTS = ("vision", "teachers", "projector", "inputs", "tokens", "llm", "predictors")
-
-
-def set_trainable(
-    model: OLAVLM, stage: str, verbose: bool = True, emb_losses: bool | None = None, tokens: str = "frozen"
-) -> dict[str, tuple[int, int]]:
-    """Freeze per stage (Sec. 5.1): PT trains projector, special tokens, predictors (+ logit scales);
-    VPT/IFT train LLM and projector and keep the base encoder and the tokens frozen. `emb_losses` (default:
-    PT only; Tab. 4) keeps and trains the predictors, else they are dropped; `tokens` = "learnable" also
-    trains the special tokens after PT, "none" drops them (Tab. 6). Returns (and prints) {component:
-    (trainable, total) parameters}."""
-    if stage not in STAGE_TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r}: expected one of {list(STAGE_TRAINABLE)}")
-    trainable = STAGE_TRAINABLE[stage]
-    if emb_losses is None:
-        emb_losses = stage == "pt"
-    if emb_losses:
-        trainable = (*trainable, "predictors")
-    else:  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
-        model.predictors = None
-        model.target_dims = None
-    if stage != "pt" and tokens == "learnable":
-        trainable = (*trainable, "tokens")
-    if stage != "pt" and tokens == "none":
-        model.drop_tokens()
-    trainable = (*trainable, "inputs")  # the baselines' feature projectors train with the projector
-    counts = {}
-    for name in COMPONENTS:
-        module = getattr(model, name)
-        if module is None:
-            continue
-        module.requires_grad_(name in trainable)
-        n = sum(p.numel() for p in module.parameters())
-        counts[name] = (n if name in trainable else 0, n)
-    counts["total"] = tuple(map(sum, zip(*counts.values())))
-    if verbose:
-        print(f"stage {stage}: trainable / all parameters")
-        print("\n".join(f"  {name:<10} {t:>14,} / {n:>14,}" for name, (t, n) in counts.items()))
-    return counts

@@ -5,18 +5,12 @@ queries its predictor with the mean of the layer's hidden states at those tokens
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import embedding_loss
 from resampler import PerceiverResampler
 from tasks import IMAGE, SYS, TASKS, TEXT
-
-if TYPE_CHECKING:
-    from ola import OLAConfig
 
 KEY_INPUTS = {  # which segments an embedding predictor reads as keys (App. Tab. I); "t" = its own <t>
     "img+t": ("img", "t"),
@@ -68,51 +62,58 @@ class SeekTokens(nn.Module):
 
 
 class EmbeddingPredictors(nn.Module):
-    """P_task^l for every task and every layer l of its layer set (Fig. 4), and one learnable InfoNCE logit
-    scale per task (Sec. 4.2) when the contrastive term is on. `own_latents`: without special tokens
-    (N_seek = 0) each predictor learns its own queries, as the released code does."""
+    """P_task^l for every task and every layer l of its layer set (Fig. 4): single-layer Perceiver resamplers
+    (Sec. 4.1; 4 heads × 32 by default), and one learnable InfoNCE logit scale per task (Sec. 4.2) when
+    `logit_scale_init` is given (the contrastive term is on). `key_input`: the segments the predictors read
+    (App. Tab. I). `own_latents`: without special tokens (N_seek = 0) each predictor learns its own
+    queries and works at its target's width (Q_depth 576 × 1024), as the released code does."""
 
     def __init__(
         self,
-        cfg: OLAConfig,
-        hidden: int,
-        n_layers: int,
+        layer_sets: dict[str, tuple[int, ...]],
         target_dims: dict[str, int],
+        hidden: int,
         num_image_tokens: int,
+        key_input: str = "sys+img+t+txt",
+        heads: int = 4,
+        dim_head: int = 32,
+        depth: int = 1,
+        logit_scale_init: float | None = 2.0,
         own_latents: bool = False,
     ):
         super().__init__()
-        self.cfg = cfg
-        self.layer_sets = {task: cfg.layer_set(task, n_layers) for task in cfg.tasks}
+        self.layer_sets = dict(layer_sets)
+        self.key_input = key_input
         self.heads = nn.ModuleDict()
-        for task in cfg.tasks:
+        for task, layers in self.layer_sets.items():
             spec = TASKS[task]
             width = hidden if spec.predictor_width == "llm" else target_dims[task]
             num_latents = None
-            if own_latents:
+            if own_latents:  # the released no-token heads (DepthHead, ...) are as wide as their output
                 num_latents = num_image_tokens if spec.spatial else 1
-            heads = {}
-            for layer in self.layer_sets[task]:
-                heads[str(layer)] = PerceiverResampler(
+                width = target_dims[task]
+            resamplers = {}
+            for layer in layers:
+                resamplers[str(layer)] = PerceiverResampler(
                     hidden,
                     width,
                     target_dims[task],
                     num_latents=num_latents,
-                    depth=cfg.predictor_depth,
-                    heads=cfg.predictor_heads,
-                    dim_head=cfg.predictor_dim_head,
+                    depth=depth,
+                    heads=heads,
+                    dim_head=dim_head,
                 )
-            self.heads[task] = nn.ModuleDict(heads)
+            self.heads[task] = nn.ModuleDict(resamplers)
         self.logit_scales = None
-        if cfg.contrastive_weight:
-            scales = {task: nn.Parameter(torch.tensor(cfg.logit_scale_init)) for task in cfg.tasks}
+        if logit_scale_init is not None:
+            scales = {task: nn.Parameter(torch.tensor(logit_scale_init)) for task in self.layer_sets}
             self.logit_scales = nn.ParameterDict(scales)
 
     def key_mask(self, task: str, segments: torch.Tensor) -> torch.Tensor:
-        """(B, T) True where the task's predictor reads keys: the segments of cfg.key_input (App. Tab. I);
+        """(B, T) True where the task's predictor reads keys: the segments of key_input (App. Tab. I);
         never padding nor the other tasks' special tokens."""
         codes = {"sys": [SYS], "img": [IMAGE], "t": [TASKS[task].segment], "txt": [TEXT]}
-        wanted = [code for part in KEY_INPUTS[self.cfg.key_input] for code in codes[part]]
+        wanted = [code for part in KEY_INPUTS[self.key_input] for code in codes[part]]
         return torch.isin(segments, torch.tensor(wanted, device=segments.device))
 
     def predict(
@@ -131,28 +132,11 @@ class EmbeddingPredictors(nn.Module):
         return head(hidden, latents, keys)
 
     def forward(
-        self,
-        hidden_states: tuple[torch.Tensor, ...],
-        segments: torch.Tensor,
-        tokens: SeekTokens | None,
-        targets: dict[str, torch.Tensor],
-        valid: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
-        """Σ_task λ_task Σ_l L_emb^l (Eq. 1), every term for logging, and the (detached) predictions.
-        `targets[task]` is (B, ...); rows of samples without an image (valid False) are ignored."""
-        total = 0.0
-        terms = {}
-        predictions = {}
-        for task in self.cfg.tasks:
-            scale = None if self.logit_scales is None else self.logit_scales[task]
-            for layer in self.layer_sets[task]:
-                pred = self.predict(task, layer, hidden_states[layer], segments, tokens)
-                emb, sl1, con = embedding_loss(
-                    pred, targets[task], scale, valid, self.cfg.sl1_weight, self.cfg.contrastive_weight
-                )
-                total = total + self.cfg.task_weight(task) * emb
-                terms[f"{task}@{layer}/sl1"] = sl1.detach()
-                if con is not None:
-                    terms[f"{task}@{layer}/con"] = con.detach()
-                predictions[(task, layer)] = pred.detach()
-        return total, terms, predictions
+        self, hidden_states: tuple[torch.Tensor, ...], segments: torch.Tensor, tokens: SeekTokens | None
+    ) -> dict[tuple[str, int], torch.Tensor]:
+        """{(task, layer): prediction (B, N or 1, C)} for every predictor, from the LLM's hidden states."""
+        return {
+            (task, layer): self.predict(task, layer, hidden_states[layer], segments, tokens)
+            for task, layers in self.layer_sets.items()
+            for layer in layers
+        }

@@ -4,6 +4,9 @@ VPT/IFT and at inference (LLaVA's expand2square). Each then resizes that view to
 
 from __future__ import annotations
 
+import os
+from typing import IO
+
 import numpy as np
 import torch
 from PIL import Image
@@ -13,6 +16,43 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("crop", "pad")
+# The formats every image opener accepts (read_image): what LLaVA, COCO, CV-Bench, MMStar, RealWorldQA and
+# OK-VQA hold (JPEG and PNG, in files or embedded bytes) and common photo formats; never PIL's others
+# (EPS runs Ghostscript, and the rest are only attack surface here). Phone JPEGs (MPO) open as JPEG.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# The image shapes read_image accepts. Pad-to-square allocates max(w, h)² pixels (a 40000×1 PNG of 201
+# bytes would take 4.8 GB), so shapes no real data has are refused before any view is made: benchmark and
+# training images are ordinary photos, screenshots and charts (COCO 640 px, CV-Bench's Omni3D 1600×900,
+# panoramas up to ~1:6; a 48 MP phone photo is 8064×6048).
+MAX_ASPECT = 20  # long side / short side
+MAX_SIDE = 10_000  # long side in pixels: a padded square of at most 300 MB (RGB, 8 bit)
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    """Refuse an image of `size` (w, h) beyond MAX_SIDE or MAX_ASPECT (ValueError saying which)."""
+    w, h = size
+    if min(w, h) < 1:
+        raise ValueError(f"{w}×{h} pixels: an empty image")
+    if max(w, h) > MAX_SIDE:
+        raise ValueError(f"{w}×{h} pixels: the long side is over the {MAX_SIDE} px limit (MAX_SIDE)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(
+            f"{w}×{h} pixels: aspect ratio {max(w, h) / min(w, h):.0f}:1, over the {MAX_ASPECT}:1 limit "
+            f"(MAX_ASPECT)"
+        )
+
+
+def read_image(source: str | os.PathLike | IO[bytes], name: object = None) -> Image.Image:
+    """The image file (path or open binary file) `source` as RGB, decoded now: every opener's one way in.
+    Its format must be one of IMAGE_FORMATS and its size pass check_image_size, checked from the header
+    before anything is decoded. Raises ValueError `cannot read image <name (default: source)>: <why>` for
+    a missing, damaged or refused file and for a decompression bomb (over 2 × Image.MAX_IMAGE_PIXELS)."""
+    try:
+        with Image.open(source, formats=IMAGE_FORMATS) as img:
+            check_image_size(img.size)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {source if name is None else name}: {e}") from None
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (122, 116, 104)) -> Image.Image:

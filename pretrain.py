@@ -28,11 +28,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from chat import ChatTokenizer
 from encoders import CLIPVision, DINOv2
 from llm import LLM
 from schedule import warmup_cosine
 from swin import Swin
+from tokenizer import ChatTokenizer
 
 N_CLASSES = 2 + len(shapes.SHAPES)  # segmentation classes: wall, circle, square, triangle, diamond, floor
 

@@ -37,23 +37,16 @@ from tqdm import tqdm
 
 import data
 import miniature
-from chat import ChatTokenizer
-from checkpoint import last_complete
 from cli import user_errors
-from inference import (
-    DEFAULT_RUN,
-    PRECISIONS,
-    autocast,
-    device_and_dtype,
-    image_pixels,
-    load_model,
-    prompt_ids,
-)
+from inference import DEFAULT_RUN, image_pixels, load_model, prompt_ids
 from losses import cosine
+from precision import PRECISIONS, autocast, device_and_dtype
 from resampler import PerceiverResampler
 from schedule import warmup_cosine
 from tasks import PAD, TASKS, add_teacher_args, make_teachers, teacher_paths
 from teachers import TargetEncoders
+from tokenizer import ChatTokenizer
+from weights import last_complete
 
 PROMPT = "Describe the image in two lines."  # the probing prompt (Sec. 3), empty answer
 # The built-in miniature gets more steps and a larger learning rate, as train.py's TINY does (at lr 1e-3 its
@@ -174,21 +167,35 @@ def evaluate(
 # ----------------------------------------------------------------------------- data
 def builtin_images(paths: dict[str, Path], split: str) -> list[Path]:
     """The built-in set's unique images: 'train' = those of pt.json and ift.json, 'val' = of qa_val.jsonl."""
-    files = (
-        [r["image"] for r in data.read_records(paths["qa_val"])]
-        if split == "val"
-        else [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r]
-    )
+    if split == "val":
+        files = [r["image"] for r in data.read_records(paths["qa_val"])]
+    else:
+        files = [r["image"] for s in ("pt", "ift") for r in data.read_records(paths[s]) if "image" in r]
     return [paths["images"] / f for f in dict.fromkeys(files)]
 
 
 def coco_images(captions: str | Path, folder: str | Path) -> list[Path]:
-    """One entry per unique image of a COCO captions file (as the released `prepare_coco` does)."""
-    coco = json.loads(Path(captions).read_text())
-    if not {"images", "annotations"} <= coco.keys():
+    """One entry per unique image of a COCO captions file (as the released `prepare_coco` does); errors name
+    the file (and the image id an annotation points to without its image)."""
+    try:
+        coco = json.loads(Path(captions).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{captions}: not a readable COCO captions JSON file ({e})") from None
+    if not isinstance(coco, dict) or not {"images", "annotations"} <= coco.keys():
         raise ValueError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
-    names = {im["id"]: im["file_name"] for im in coco["images"]}
-    ids = dict.fromkeys(a["image_id"] for a in coco["annotations"])
+    try:
+        names = {im["id"]: im["file_name"] for im in coco["images"]}
+        ids = dict.fromkeys(a["image_id"] for a in coco["annotations"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(
+            f"{captions}: expected images with 'id' and 'file_name' and annotations with 'image_id' ({e!r})"
+        ) from None
+    missing = [i for i in ids if i not in names]
+    if missing:
+        raise ValueError(
+            f"{captions}: annotations point to image id {missing[0]!r}, not among its 'images' "
+            f"({len(missing)} such id{'s' if len(missing) > 1 else ''})"
+        )
     return [Path(folder) / names[i] for i in ids]
 
 

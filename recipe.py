@@ -7,23 +7,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from checkpoint import stored_config
+from cli import positive_int
 from encoders import VISION_TOWERS
-from inference import PRECISIONS
-from ola import MODES, OLAConfig
+from ola import MODES, OLAVLM, OLAConfig
+from precision import PRECISIONS
 from predictors import KEY_INPUTS
 from tasks import TASKS, add_teacher_args, teacher_paths
 
-# Paper recipe per stage (Sec. 5.1): learning rate, global batch, image view, what a checkpoint stores (the
-# predictors only where the stage has them: PT, or IFT with --emb-losses pt+ift).
+# Paper recipe per stage (Sec. 5.1): learning rate, global batch, image view, and the components it trains
+# (the frozen base encoder and, after PT, the frozen special tokens are never among them).
 STAGES = {
-    "pt": dict(lr=1e-3, batch_size=256, view="crop", stored=("projector", "inputs", "tokens", "predictors")),
-    "vpt": dict(
-        lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "inputs", "tokens", "predictors")
-    ),
-    "ift": dict(
-        lr=2e-5, batch_size=128, view="pad", stored=("llm", "projector", "inputs", "tokens", "predictors")
-    ),
+    "pt": dict(lr=1e-3, batch_size=256, view="crop", trains=("projector", "tokens", "predictors")),
+    "vpt": dict(lr=2e-5, batch_size=128, view="pad", trains=("llm", "projector")),
+    "ift": dict(lr=2e-5, batch_size=128, view="pad", trains=("llm", "projector")),
 }
+COMPONENTS = ("vision", "teachers", "projector", "inputs", "tokens", "llm", "predictors")  # of a model
 # The tiny preset (the miniature) trains in minutes on a CPU: its own (larger) learning rates and batches.
 TINY = dict(
     pt=dict(lr=2e-3, batch_size=16, epochs=2),
@@ -32,11 +31,8 @@ TINY = dict(
 )
 PRESETS = {"tiny": "llama3", "llama3-8b": "llama3", "phi3-mini": "phi3"}  # preset -> chat template (Sec. 5.1)
 IFT_TOKENS = ("frozen", "learnable", "none")  # the special tokens during IFT (Tab. 6)
-EMB_LOSSES = {
-    "pt": ("pt",),
-    "ift": ("ift",),
-    "pt+ift": ("pt", "ift"),
-}  # stages with embedding losses (Tab. 4)
+# stages with embedding losses (Tab. 4; "none": the special tokens learn from NTP alone, its second row)
+EMB_LOSSES = {"pt": ("pt",), "ift": ("ift",), "pt+ift": ("pt", "ift"), "none": ()}
 
 
 def task_values(items: list[str] | None, flag: str, parse, error) -> dict:
@@ -53,8 +49,15 @@ def task_values(items: list[str] | None, flag: str, parse, error) -> dict:
     return out
 
 
-def layer_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+def positive_float(text: str) -> float:
+    """argparse type of amounts that must be > 0 (epochs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -78,15 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="LLaVA .json/.jsonl records (default: built-in data)")
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-    p.add_argument("--batch-size", type=int, help="global batch (default: the stage's, Sec. 5.1)")
-    p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (default: all of it)")
+    p.add_argument("--batch-size", type=positive_int, help="global batch (default: the stage's, Sec. 5.1)")
+    p.add_argument(
+        "--micro-batch-size", type=positive_int, help="per-rank batch per forward (default: all of it)"
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--epochs", type=float, help="passes over the data (default 1; tiny 2)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--max-length", type=int, help="token budget per sample (default 4096; tiny 512)")
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per stage")
+    p.add_argument("--epochs", type=positive_float, help="passes over the data (default 1; tiny 2)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--max-length", type=positive_int, help="token budget per sample (default 4096; tiny 512)")
+    p.add_argument("--save-every", type=positive_int, default=200, help="optimizer steps between checkpoints")
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept per stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per decoder block)")
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -161,7 +166,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.layers, "--layers", lambda v: tuple(int(x) for x in v.split(",")), p.error
     )
     args.task_weights = task_values(args.task_weight, "--task-weight", float, p.error)
+    for flag, values in (("--layers", args.layer_sets), ("--task-weight", args.task_weights)):
+        if disabled := sorted(set(values) - set(args.tasks)):
+            p.error(f"{flag} {'/'.join(disabled)}: not among --tasks {','.join(args.tasks) or '(none)'}")
     args.emb_stages = EMB_LOSSES[args.emb_losses] if args.mode in ("ola", "llava") else ()
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps in [0, 1)")
+    if not 0 <= args.max_bad_fraction <= 1:
+        p.error(f"--max-bad-fraction {args.max_bad_fraction}: expected a fraction in [0, 1]")
+    if args.num_workers is not None and args.num_workers < 0:
+        p.error(f"--num-workers {args.num_workers}: expected 0 (load in the training process) or more")
     args.teachers = teacher_paths(args, p.error)
     try:
         args.ola = ola_config(args)
@@ -208,3 +222,60 @@ def check_real_inputs(args: argparse.Namespace, error) -> None:
     extra = sorted(set(args.teachers) - set(args.tasks))
     if extra:
         error(f"teachers given for {extra}, which --tasks {','.join(args.tasks)} does not distill")
+
+
+# ----------------------------------------------------------------------------- the stages
+def stored_components(stage: str) -> tuple[str, ...]:
+    """What a checkpoint of the stage stores: every small trained part (the predictors only where the stage
+    has them: PT, or IFT with --emb-losses pt+ift), and the LLM where the stage trains it."""
+    llm = ("llm",) if "llm" in STAGES[stage]["trains"] else ()
+    return (*llm, "projector", "inputs", "tokens", "predictors")
+
+
+def stage_tasks(args: argparse.Namespace, stage: str) -> tuple[str, ...]:
+    """The tasks whose embedding losses this stage trains: in the --emb-losses stages (PT only, Sec. 4;
+    Tab. 4), those of the --init checkpoint when the stage starts from one."""
+    if stage not in args.emb_stages:
+        return ()
+    if args.init:
+        return stored_config(args.init).tasks
+    return args.tasks
+
+
+def set_trainable(
+    model: OLAVLM, stage: str, verbose: bool = True, emb_losses: bool | None = None, tokens: str = "frozen"
+) -> dict[str, tuple[int, int]]:
+    """Freeze per stage (Sec. 5.1): PT trains projector, special tokens, predictors (+ logit scales);
+    VPT/IFT train LLM and projector and keep the base encoder and the tokens frozen. `emb_losses` (default:
+    PT only; Tab. 4) keeps and trains the predictors, else they are dropped; `tokens` = "learnable" also
+    trains the special tokens in IFT, "none" drops them from IFT on (Tab. 6). VPT keeps them frozen whatever
+    `tokens` is (Tab. 2 trains the whole model but the special tokens). Returns (and prints) {component:
+    (trainable, total) parameters}."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {list(STAGES)}")
+    trainable = STAGES[stage]["trains"]
+    if emb_losses is None:
+        emb_losses = stage == "pt"
+    if emb_losses:
+        trainable = (*trainable, "predictors")
+    else:  # IFT and inference keep the (frozen) special tokens, not the predictors (Sec. 4.1)
+        model.predictors = None
+        model.target_dims = None
+    if stage == "ift" and tokens == "learnable":
+        trainable = (*trainable, "tokens")
+    if stage == "ift" and tokens == "none":
+        model.drop_tokens()
+    trainable = (*trainable, "inputs")  # the baselines' feature projectors train with the projector
+    counts = {}
+    for name in COMPONENTS:
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        module.requires_grad_(name in trainable)
+        n = sum(p.numel() for p in module.parameters())
+        counts[name] = (n if name in trainable else 0, n)
+    counts["total"] = tuple(map(sum, zip(*counts.values())))
+    if verbose:
+        print(f"stage {stage}: trainable / all parameters")
+        print("\n".join(f"  {name:<10} {t:>14,} / {n:>14,}" for name, (t, n) in counts.items()))
+    return counts

@@ -4,7 +4,7 @@ predictors) read into our `OLAVLM` through ONE key table, strictly, without tran
 
     config.json (LLaVA fields)  -> OLAConfig + LLMConfig + the vision tower's config (`parse_config`)
     safetensors headers         -> the key plan: every key used, or skipped by a named rule (`key_plan`)
-    the tensors                 -> copied shard by shard into a model allocated once (`load_released`)"""
+    the tensors                 -> copied shard by shard into a model allocated once (`from_released`)"""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from checkpoint import checkpoint_files, read_json, read_state_dict
 from convnext import ConvNeXtConfig, infer_shape
 from encoders import VISION_TOWERS, CLIPVisionConfig
 from llm import LLM, LLMConfig
 from ola import OLAVLM, OLAConfig
 from tasks import PAPER_TOKEN_ORDER
+from weights import checkpoint_files, read_json, read_state_dict
 
 IFT_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaPhi3ForCausalLM")
 PT_ARCHITECTURES = ("OlaLlavaLlamaForCausalLM", "OlaLlavaPhi3ForCausalLM")
@@ -230,6 +230,10 @@ def parse_config(
     special = [t for t in PAPER_TOKEN_ORDER if f"model.special_{t}_tokens" in shapes]
     if not order and special:
         raise ValueError(f"{source}: special tokens {special} stored but no aux_mode gives their order")
+    if unknown := [t for t in order if t not in SECTIONS]:
+        raise ValueError(
+            f"{source}: aux_mode {config['aux_mode']!r} names {unknown}; expected tasks of {list(SECTIONS)}"
+        )
     layers, weights, width = {}, {}, set()
     for task in order:
         section = config.get(SECTIONS.get(task, ""), {})
@@ -253,7 +257,8 @@ def parse_config(
     contrastive = (
         float(config.get("contrastive_loss_weight", 0.3)) if config.get("use_contrastive", True) else 0.0
     )
-    ola = OLAConfig(
+    ola = released_ola_config(
+        source,
         tasks=order,
         layer_sets={task: to_32_layers(ls, llm.n_layers) for task, ls in layers.items() if ls},
         num_seek_tokens=int(config.get("num_task_tokens", 0)),
@@ -286,6 +291,14 @@ def parse_config(
         target_dims = {t: dims.get(t, int(config.get(SECTIONS[t], {}).get("output_dim", 1))) for t in order}
     tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
     return ReleasedConfig(stage, ola, llm, kind, vision, tower, aspect, layers, target_dims)
+
+
+def released_ola_config(source: str, **values) -> OLAConfig:
+    """OLAConfig(**values), its errors naming the released config."""
+    try:
+        return OLAConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def to_32_layers(layers: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
@@ -429,7 +442,7 @@ def build_model(rc: ReleasedConfig, with_predictors: bool = True) -> OLAVLM:
         return OLAVLM(rc.ola, LLM(rc.llm), tower_cls(rc.vision), dims, {"llm": None, "vision": None})
 
 
-def load_released(
+def from_released(
     folder: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from chat import IMAGE_TOKEN, TEMPLATES, train_tokenizer
-from checkpoint import build_once
+from tokenizer import IMAGE_TOKEN, TEMPLATES, train_tokenizer
+from weights import build_once
 
 COLORS = {
     "red": (220, 40, 40),
@@ -300,11 +300,11 @@ def _task_item(rng: random.Random, scene: Scene, task: str) -> tuple[str, str, l
             f"where is the {p.name} located with respect to the {q.name}?"
         )
         return question, "left" if p is a else "right", ["right" if p is a else "left"]
-    triples = [
+    triples = [  # a is nearer to r than b, in the image
         (r, a, b)
         for r in shapes
         for a, b in _pairs([s for s in shapes if s is not r], partial(_distance, r), MARGIN)
-    ]  # a is nearer to r than b, in the image
+    ]
     if not triples:
         return None
     r, a, b = rng.choice(triples)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import config_json, load_with_table, save_with_table
 from encoders import ViTBlock
+from weights import config_json, load_with_table, save_with_table
 
 
 @dataclass
@@ -67,9 +67,8 @@ SWIN_KEYS = [  # ours -> Hub (SwinBackbone; prefixed by "model.pixel_level_modul
     ("stages.{i}.{j}.rel_table", "encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table"),
 ]
 ONEFORMER_BACKBONE = "model.pixel_level_module.encoder."
-SWIN_DEAD_PREFIXES = (
-    "swin.layernorm.",
-)  # saved by SwinBackbone, never applied, absent from OneFormer: skipped
+# saved by SwinBackbone, never applied, absent from OneFormer: skipped
+SWIN_DEAD_PREFIXES = ("swin.layernorm.",)
 
 
 def windows(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -13,13 +13,10 @@ import torch
 
 from teachers import DepthTeacher, GenTeacher, SegTeacher, TargetEncoders, Teacher
 
-# Segment ids recorded at splice time: which span each position of the spliced sequence belongs to.
-PAD, SYS, IMAGE, TEXT = (
-    0,
-    1,
-    2,
-    6,
-)  # SYS = text before the image, TEXT = text after it (and text-only samples)
+# Segment ids recorded at splice time: which span each position of the spliced sequence belongs to. SYS =
+# text before the image, TEXT = text after it (and text-only samples); 3, 4, 5 are the special tokens <g>,
+# <d>, <s> of gen, depth, seg (Task.segment in TASKS below).
+PAD, SYS, IMAGE, TEXT = 0, 1, 2, 6
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from checkpoint import config_json
 from encoders import CLIPVision, CLIPVisionConfig, DINOv2, DINOv2Config
 from preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 from swin import Swin, SwinConfig
+from weights import config_json
 
 
 class Teacher(nn.Module):

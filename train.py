@@ -13,10 +13,13 @@ r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (Sec. 5.1; 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,19 +29,21 @@ from tqdm import tqdm
 
 import data
 import miniature
-from chat import ChatTokenizer
-from checkpoint import load_tensors_only, read_json, write_folder
+from checkpoint import from_checkpoint, load_components, save_checkpoint
 from cli import user_errors
+from concat import make_vlm
 from convnext import ConvNeXt, ConvNeXtConfig
 from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
 from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
-from inference import autocast, compute_dtype
 from llm import LLM
-from ola import OLAVLM, set_trainable
-from recipe import PRESETS, STAGES, TINY, parse_args
+from ola import OLAVLM
+from precision import autocast, compute_dtype
+from recipe import PRESETS, STAGES, TINY, parse_args, set_trainable, stage_tasks, stored_components
 from schedule import warmup_cosine
 from tasks import make_teachers
 from teachers import TargetEncoders
+from tokenizer import ChatTokenizer, check_vocabulary, find_tokenizer
+from weights import COMPLETE, load_tensors_only, read_json, write_folder
 
 
 # ----------------------------------------------------------------------------- model
@@ -71,7 +76,7 @@ def build_model(
     checkpoint. `dtype` is the LLM's (bf16 when it is frozen on a GPU); the new parts are fp32."""
     dims = teachers.dims if teachers is not None else None
     if args.init:  # the checkpoint's configuration, projector and special tokens are kept (and predictors)
-        model = OLAVLM.from_checkpoint(args.init, device=device, with_predictors=bool(dims))
+        model = from_checkpoint(args.init, device=device, with_predictors=bool(dims))
         model.llm.to(dtype)
         if dims and model.target_dims and model.target_dims != dims:
             raise ValueError(
@@ -98,7 +103,7 @@ def build_model(
         sources["vision"] = str(Path(args.vision).resolve())
     if inputs is not None:
         sources["teachers"] = {task: str(Path(args.teachers[task]).resolve()) for task in cfg.tasks}
-    return OLAVLM(cfg, llm, vision, dims, sources, inputs).to(device)
+    return make_vlm(cfg, llm, vision, dims, sources, inputs).to(device)
 
 
 def base_grid(args) -> int:
@@ -115,25 +120,16 @@ def build_teachers(args, tasks: tuple[str, ...], device, dtype) -> TargetEncoder
     return None if teachers is None else teachers.to(device)
 
 
-def tokenizer_path(args) -> Path:
-    """--tokenizer, else the --init folder's own (released folders have one), else tokenizer.json of the LLM
-    folder (or of the folder the --init checkpoint's LLM came from)."""
-    if args.tokenizer:
-        return Path(args.tokenizer)
-    if args.init and (Path(args.init) / "tokenizer.json").is_file():  # a released folder carries its own
-        return Path(args.init) / "tokenizer.json"
-    llm = args.llm or read_json(Path(args.init) / "config.json")["sources"]["llm"]
-    return Path(llm) / "tokenizer.json"
-
-
-def stage_tasks(args, stage: str) -> tuple[str, ...]:
-    """The tasks whose embedding losses this stage trains: in the --emb-losses stages (PT only, Sec. 4;
-    Tab. 4), those of the --init checkpoint when the stage starts from one."""
-    if stage not in args.emb_stages:
-        return ()
-    if args.init:
-        return OLAVLM.stored_config(args.init).tasks
-    return args.tasks
+def tokenizer_of(args) -> Path:
+    """--tokenizer, else the --init folder's own, else that of the LLM folder (or of the folder the --init
+    checkpoint's LLM came from)."""
+    llm = args.llm
+    if not llm and args.init:
+        llm = read_json(Path(args.init) / "config.json").get("sources", {}).get("llm")
+    path = find_tokenizer(args.tokenizer, args.init, llm)
+    if path is None:
+        raise ValueError(f"--init {args.init}: no tokenizer.json there nor an LLM folder: pass --tokenizer")
+    return path
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -171,10 +167,10 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     hp = {**STAGES[stage], **(TINY[stage] if args.preset == "tiny" else {})}
     lr = hp["lr"] if args.lr is None else args.lr
     batch_size = args.batch_size or hp["batch_size"]
-    tok = ChatTokenizer(tokenizer_path(args), template=PRESETS[args.preset])
+    tok = ChatTokenizer(tokenizer_of(args), template=PRESETS[args.preset])
     teachers = build_teachers(args, stage_tasks(args, stage), device, frozen)
     model = build_model(args, tok, teachers, device, frozen if stage == "pt" else torch.float32)
-    check_vocabulary(tok, model)
+    check_vocabulary(tok, model.llm.config.vocab_size)
     model.vision.to(frozen)
     emb_losses = stage in args.emb_stages
     set_trainable(model, stage, verbose=rank == 0, emb_losses=emb_losses, tokens=args.ift_tokens)
@@ -217,7 +213,7 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
         raise ValueError(f"{len(dataset)} samples give no optimizer step at global batch {batch_size}")
     checkpoint = latest_checkpoint(args, stage)
     if checkpoint is not None:  # model weights go in before sharding, the optimizer state after
-        model.load_components(checkpoint / "model")
+        load_components(model, checkpoint / "model")
     wrapped = wrap(model, args, stage, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -229,16 +225,6 @@ def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> 
     if checkpoint is not None:
         resume(run, checkpoint, args, rank)
     return run
-
-
-def check_vocabulary(tok: ChatTokenizer, model: OLAVLM) -> None:
-    """Every token id must index a row of the LLM's embedding (else an index error deep in the model)."""
-    rows = model.llm.config.vocab_size
-    if tok.vocab_size > rows:
-        raise ValueError(
-            f"{tok.path}: {tok.vocab_size} tokens, but the LLM's embedding has {rows} rows "
-            f"(config.json vocab_size): use the tokenizer.json that came with the LLM (--tokenizer)"
-        )
 
 
 def check_images(dataset: data.LLaVADataset) -> None:
@@ -259,7 +245,26 @@ def latest_checkpoint(args, stage: str) -> Path | None:
     if not found:
         print(f"--resume: no checkpoint in {args.out / stage}; starting {stage} from scratch")
         return None
+    check_same_flags(args, found[-1] / "args.json")
     return found[-1]
+
+
+RESUMABLE = ("resume", "max_steps", "save_every", "keep", "num_workers")  # flags a resumed run may change
+
+
+def check_same_flags(args, recorded: Path) -> None:
+    """A resumed run continues the recorded one: refuse other flags (a run mixing two configurations would
+    record only the second)."""
+    before = read_json(recorded)
+    now = json_args(args)
+    changed = [
+        k for k in sorted(set(before) | set(now)) if k not in RESUMABLE and before.get(k) != now.get(k)
+    ]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"--resume: {recorded} was trained with other flags ({diffs}): resume with its flags"
+        )
 
 
 def resume(run: Run, checkpoint: Path, args, rank: int) -> None:
@@ -277,7 +282,7 @@ def resume(run: Run, checkpoint: Path, args, rank: int) -> None:
         print(f"resumed {run.stage} from {checkpoint} at step {run.step}")
 
 
-def save_checkpoint(run: Run, args, rank: int) -> None:
+def save_step(run: Run, args, rank: int) -> None:
     """step_<n>/ = model/ (an OLA checkpoint) + trainer.pt, written to a temporary folder then renamed;
     only the newest --keep are kept."""
     state, optimizer_state = gather_states(run.wrapped, run.optimizer, args)
@@ -292,7 +297,7 @@ def save_checkpoint(run: Run, args, rank: int) -> None:
     }
 
     def write(tmp: Path) -> None:
-        run.model.save(tmp / "model", STAGES[run.stage]["stored"], state=state)
+        save_checkpoint(run.model, tmp / "model", stored_components(run.stage), state=state)
         torch.save(trainer, tmp / "trainer.pt")
         (tmp / "args.json").write_text(json.dumps(json_args(args), indent=1))
 
@@ -429,12 +434,13 @@ def run_stage(args, stage: str, rank: int, world: int, device: torch.device) -> 
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "ntp", "emb")})
             bar.update()
         if run.step % args.save_every == 0 or run.step == run.total:
-            save_checkpoint(run, args, rank)
+            save_step(run, args, rank)
     bar.close()
     final = run.folder / "final"
     if rank == 0:
         last = run.folder / f"step_{run.step:06d}" / "model"
-        write_folder(final, lambda tmp: shutil.copytree(last, tmp, dirs_exist_ok=True))
+        skip = shutil.ignore_patterns(COMPLETE)  # a marker left by a kill must not mark final.tmp early
+        write_folder(final, lambda tmp: shutil.copytree(last, tmp, ignore=skip, dirs_exist_ok=True))
         metrics.close()
         if history:  # empty when a resumed run had already saved its last step
             summarize(stage, history, seen, time.time() - t0, final, run.dataset)
@@ -456,22 +462,44 @@ def summarize(stage: str, history: list[dict], seen: int, seconds: float, final:
     print(f"  checkpoint: {final}")
 
 
+@contextmanager
+def sole_writer(out: Path) -> Iterator[None]:
+    """One train.py per --out: an exclusive lock on <out>/.lock while the run lasts (the kernel releases it
+    when the process ends, however it ends), else a clear refusal."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"--out {out}: another train.py is writing there (it holds {out / '.lock'}); "
+                f"wait for it to finish or pass another --out"
+            ) from None
+        yield
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     builtin_defaults(args, rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for stage in args.stages:
-            final = args.out / stage / "final"
-            if args.resume and final.exists():  # a pt,ift chain killed in IFT resumes in IFT
-                print(f"--resume: {stage} is complete ({final}); going on from it")
-            else:
-                final = run_stage(args, stage, rank, world, device)
-            args.init = str(final)  # the next stage starts where this one ended
+        with sole_writer(args.out) if rank == 0 else nullcontext():
+            run_stages(args, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_stages(args, rank: int, world: int, device: torch.device) -> None:
+    """The --stage chain, each stage starting from the previous one's final checkpoint."""
+    for stage in args.stages:
+        final = args.out / stage / "final"
+        if args.resume and final.exists():  # a pt,ift chain killed in IFT resumes in IFT
+            print(f"--resume: {stage} is complete ({final}); going on from it")
+        else:
+            final = run_stage(args, stage, rank, world, device)
+        args.init = str(final)  # the next stage starts where this one ended
 
 
 if __name__ == "__main__":

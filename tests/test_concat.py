@@ -7,9 +7,12 @@ import torch
 import torch.nn as nn
 from conftest import maxdiff, teacher_pixels, tiny_ola, toy_batch
 
+from checkpoint import from_checkpoint, save_checkpoint
+from concat import ConcatVLM, make_vlm
 from encoders import CLIPVision, CLIPVisionConfig
 from llm import LLM, LLMConfig
-from ola import OLAVLM, OLAConfig, set_trainable
+from ola import OLAVLM, OLAConfig
+from recipe import set_trainable
 from tasks import IMAGE, SYS, TASKS, tiny_teachers
 
 
@@ -22,11 +25,8 @@ class RealSizeTeachers(nn.Module):
 @pytest.mark.parametrize("mode", ["feat-concat", "token-concat"])
 def test_real_sizes_on_the_meta_device(mode):
     with torch.device("meta"):
-        model = OLAVLM(
-            OLAConfig(mode=mode),
-            LLM(LLMConfig()),
-            CLIPVision(CLIPVisionConfig()),
-            teachers=RealSizeTeachers(),
+        model = ConcatVLM(
+            OLAConfig(mode=mode), LLM(LLMConfig()), CLIPVision(CLIPVisionConfig()), RealSizeTeachers()
         )
     H = 4096
     if mode == "feat-concat":  # [CLIP | gen × 576 | depth | seg] per image token -> one projector
@@ -44,7 +44,7 @@ def concat_model(mode: str):
     cfg = OLAConfig(mode=mode)
     teachers = tiny_teachers(cfg.tasks, grid=8, seed=0)
     model, _ = tiny_ola(OLAConfig(tasks=()), seed=0)  # the same LLM and CLIP as a LLaVA-1.5 model
-    return OLAVLM(cfg, model.llm, model.vision, teachers=teachers), teachers
+    return ConcatVLM(cfg, model.llm, model.vision, teachers), teachers
 
 
 @pytest.mark.parametrize("mode", ["feat-concat", "token-concat"])
@@ -82,8 +82,8 @@ def test_checkpoint_stores_tiny_teachers_and_rebuilds_the_model(mode, tmp_path):
     counts = set_trainable(model, "pt", verbose=False)
     assert counts["teachers"][0] == 0 and counts["projector"][0] > 0
     assert all(not p.requires_grad for p in model.teachers.parameters())
-    model.save(tmp_path / "ckpt", ("projector", "inputs"))
-    again = OLAVLM.from_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt", ("projector", "inputs"))
+    again = from_checkpoint(tmp_path / "ckpt")
     ids, mask, labels, images, has_image = toy_batch()
     fed = teacher_pixels(teachers, len(images))
     with torch.no_grad():
@@ -92,3 +92,15 @@ def test_checkpoint_stores_tiny_teachers_and_rebuilds_the_model(mode, tmp_path):
     assert abs(a.item() - b.item()) < 1e-6
     with pytest.raises(ValueError, match="pass teacher_images"):
         again(ids, mask, labels, images, has_image)
+
+
+def test_each_mode_has_its_class():
+    """OLAVLM refuses a baseline's config (it would build a model without its input teachers); make_vlm
+    picks the class of the mode."""
+    model, _ = tiny_ola(OLAConfig(tasks=()), seed=0)
+    cfg = OLAConfig(mode="feat-concat")
+    with pytest.raises(ValueError, match="build it with concat.ConcatVLM"):
+        OLAVLM(cfg, model.llm, model.vision)
+    teachers = tiny_teachers(cfg.tasks, grid=8, seed=0)
+    assert type(make_vlm(cfg, model.llm, model.vision, teachers=teachers)) is ConcatVLM
+    assert type(make_vlm(OLAConfig(tasks=()), model.llm, model.vision)) is OLAVLM

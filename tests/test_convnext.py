@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from checkpoint import from_checkpoint, save_checkpoint
 from convnext import ConvNeXt, ConvNeXtConfig, infer_shape
 
 transformers = pytest.importorskip("transformers")
@@ -232,7 +233,7 @@ def test_convnext_base_encoder_trains_pt_and_ift_and_round_trips(tmp_path):
     input is the trunk's last width, and a checkpoint rebuilds the same tower with identical outputs."""
     from conftest import teacher_pixels, tiny_ola, toy_batch
 
-    from ola import OLAVLM, set_trainable
+    from recipe import set_trainable
 
     tower = ConvNeXt(ConvNeXtConfig.tiny())
     model, teachers = tiny_ola(vision=tower)
@@ -248,8 +249,8 @@ def test_convnext_base_encoder_trains_pt_and_ift_and_round_trips(tmp_path):
         optimizer.step()
         assert torch.isfinite(out.loss) and ("emb" in out.terms) == (stage == "pt")
         assert all(p.grad is None for p in model.vision.parameters())
-    model.save(tmp_path / "ift", ("llm", "projector", "tokens"))
-    again = OLAVLM.from_checkpoint(tmp_path / "ift")
+    save_checkpoint(model, tmp_path / "ift", ("llm", "projector", "tokens"))
+    again = from_checkpoint(tmp_path / "ift")
     assert isinstance(again.vision, ConvNeXt) and again.vision.config == tower.config
     with torch.no_grad():
         a = model(input_ids, mask, labels, images, has_image).loss

@@ -1,4 +1,4 @@
-"""chat.py, data.py, shapes.py: chat templates and labels, bad data, built-in data, collate, truncation,
+"""tokenizer.py, data.py, shapes.py: chat templates and labels, bad data, built-in data, collate, truncation,
 loader resume."""
 
 import json
@@ -20,13 +20,12 @@ from tokenizers import (
     trainers,
 )
 
-import chat
 import data
 import shapes
-from chat import LLAMA3_CHAT_TOKENS, ChatTokenizer
+import tokenizer
 from data import LLaVADataset, Loader, collate
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from preprocess import resize_normalize
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLAMA3_CHAT_TOKENS, ChatTokenizer
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -37,7 +36,7 @@ CORPUS = [
     "Which is bigger, the blue square or the green triangle? The blue square is bigger.",
 ] * 5
 
-# The prompts exactly as the released templates write them (not taken from chat.py).
+# The prompts exactly as the released templates write them (not taken from tokenizer.py).
 LLAMA3_SYSTEM = (
     "<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
     "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
@@ -241,7 +240,7 @@ def test_label_mismatch_raises_with_sample_id(tmp_path):
     tok = Tokenizer.from_file(str(path))
     tok.decoder = None  # decoding now yields byte-level symbols (Ġ, Ċ): answers cannot match
     tok.save(str(path))
-    with pytest.raises(chat.LabelMismatchError, match="sample rec-7"):
+    with pytest.raises(tokenizer.LabelMismatchError, match="sample rec-7"):
         ChatTokenizer(path, "llama3").encode_conversation(RECORDS["558k"][0], True, "rec-7")
 
 

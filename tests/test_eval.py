@@ -1,4 +1,4 @@
-"""eval.py, inference.py, pictures.py on a tiny random checkpoint: batched answers equal one-at-a-time
+"""eval.py, inference.py on a tiny random checkpoint: batched answers equal one-at-a-time
 answers, every benchmark of Tab. 1 runs end to end from 3-row fixtures in its published layout, `report`
 prints the table; chat streams; the predictor pictures (Fig. 6)."""
 
@@ -13,10 +13,10 @@ from PIL import Image
 
 import shapes
 from benchmarks import BENCHMARKS
-from chat import ChatTokenizer
-from eval import main, run_benchmark
+from checkpoint import save_checkpoint
+from eval import main, pca_rgb, predicted_features, run_benchmark, show
 from inference import answer, chat, load_model
-from pictures import pca_rgb, predicted_features, show
+from tokenizer import ChatTokenizer
 
 
 # ----------------------------------------------------------------------------- tiny checkpoint
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     tok = ChatTokenizer(paths["tokenizer"], "llama3")
     special = dict(bos_token_id=tok.bos_ids[0], eos_token_ids=tok.eos_ids, pad_token_id=tok.pad_id)
     model, teachers = tiny_ola(vocab=tok.vocab_size, n_layers=4, **special)
-    model.save(root / "ckpt", ("projector", "tokens", "predictors"))
+    save_checkpoint(model, root / "ckpt", ("projector", "tokens", "predictors"))
     return paths, root / "ckpt", teachers
 
 

@@ -51,8 +51,9 @@ def test_rows_set_what_their_table_varies():
     assert parsed("1", "ola-convnext").vision_type == "convnext"
     layer_sets = {"depth": (8, 14), "seg": (10, 16), "gen": (12, 18)}
     assert parsed("3", "d8,14-s10,16-g12,18").ola.layer_sets == layer_sets
-    emb_stages = [parsed("4", n, stage="ift").emb_stages for n in ("pt", "ift", "pt+ift")]
-    assert emb_stages == [("pt",), ("ift",), ("pt", "ift")]
+    emb_stages = [parsed("4", n, stage="ift").emb_stages for n in ("pt", "tokens", "pt+ift")]
+    assert emb_stages == [("pt",), (), ("pt", "ift")]
+    assert parsed("4", "tokens").ola.tasks == ("depth", "seg", "gen")  # the <t> tokens stay, no teachers run
     assert [parsed("5", f"n{n}").ola.num_seek_tokens for n in (0, 4, 8, 12, 16, 24)] == [0, 4, 8, 12, 16, 24]
     assert parsed("5", "llava").tasks == ()
     ift_tokens = [parsed("6", n, stage="ift").ift_tokens for n in ("frozen", "learnable", "none")]

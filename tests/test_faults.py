@@ -16,10 +16,10 @@ from PIL import Image
 from test_data import RECORDS, llama3_tokenizer
 
 import train
-from chat import ChatTokenizer
-from checkpoint import last_complete, load_tensors_only, read_state_dict, write_folder
 from data import LLaVADataset, Loader
 from encoders import CLIPVisionConfig
+from tokenizer import ChatTokenizer, check_vocabulary
+from weights import last_complete, load_tensors_only, read_state_dict, write_folder
 
 
 class Hostile:
@@ -67,15 +67,9 @@ def test_a_vision_config_that_is_not_clip_is_refused():
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     tok = ChatTokenizer(llama3_tokenizer(tmp_path / "t.json"))
-
-    class Config:
-        vocab_size = tok.vocab_size - 1
-
-    class Model:
-        llm = type("LLM", (), {"config": Config})
-
     with pytest.raises(ValueError, match=rf"{tok.vocab_size} tokens, but the LLM's embedding has"):
-        train.check_vocabulary(tok, Model)
+        check_vocabulary(tok, tok.vocab_size - 1)
+    check_vocabulary(tok, tok.vocab_size)  # as many rows as ids: fine
 
 
 @pytest.fixture()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_ola, toy_batch
 
-from ola import OLAConfig, set_trainable
-from recipe import parse_args
+from ola import OLAConfig
+from recipe import parse_args, set_trainable
 from tasks import IMAGE, SYS, TASKS
 
 N_IMG = 64  # the tiny CLIP's 8×8 tokens

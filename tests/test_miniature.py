@@ -11,11 +11,11 @@ from PIL import Image
 
 import miniature
 import pretrain
-from checkpoint import build_once, read_json
 from encoders import CLIPVision, DINOv2
 from llm import LLM
 from swin import Swin
 from teachers import DepthTeacher
+from weights import build_once, read_json
 
 
 def test_a_second_build_is_identical(miniature_build, tmp_path, monkeypatch):

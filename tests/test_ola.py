@@ -10,11 +10,15 @@ import torch.nn.functional as F
 from conftest import VOCAB, teacher_pixels, tiny_ola, toy_batch
 
 import tasks as task_table
+from checkpoint import from_checkpoint, save_checkpoint
 from encoders import CLIPVision, CLIPVisionConfig
 from llm import LLM
-from ola import IGNORE_INDEX, OLAVLM, EmbeddingPredictors, OLAConfig, SeekTokens, set_trainable
+from ola import OLAVLM, OLAConfig, embedding_predictors
+from predictors import SeekTokens
+from recipe import set_trainable
 from tasks import IMAGE, PAD, SYS, TASKS, TEXT, Task, tiny_teachers
 from teachers import DepthTeacher
+from tokenizer import IGNORE_INDEX
 
 GEN, DEPTH, SEG = (TASKS[t].segment for t in ("gen", "depth", "seg"))
 
@@ -172,13 +176,16 @@ def test_llava_is_the_degenerate_case_and_equals_a_plain_llava_forward():
 
 
 def test_no_seek_tokens_keeps_the_embedding_losses_with_own_queries():
-    """Tab. 5, N_seek = 0: no special tokens in the sequence; each predictor learns its own queries."""
+    """Tab. 5, N_seek = 0: no special tokens in the sequence; each predictor learns its own queries, as wide
+    as its target (the released DepthHead: dim = output_dim), not the LLM's H = 128."""
     model, teachers = tiny_ola(OLAConfig(num_seek_tokens=0))
     assert model.tokens is None and model.image_seq_len == model.num_image_tokens
     input_ids, mask, labels, images, has_image = toy_batch()
     out = model(input_ids, mask, labels, images, has_image, teachers(teacher_pixels(teachers, 2)))
     assert torch.isfinite(out.loss) and out.terms["emb"] > 0
-    assert model.predictors.heads["depth"]["2"].latents.shape == (1, model.num_image_tokens, 128)
+    depth = teachers.dims["depth"]
+    assert depth != model.llm.config.hidden_size
+    assert model.predictors.heads["depth"]["2"].latents.shape == (1, model.num_image_tokens, depth)
 
 
 def test_a_fourth_task_is_one_table_entry(monkeypatch):
@@ -241,14 +248,14 @@ def test_pt_checkpoint_stores_only_trained_parts_and_round_trips(tmp_path, tf):
     vision = CLIPVision.from_pretrained(tmp_path / "clip")
     sources = {"llm": str(tmp_path / "llm"), "vision": str(tmp_path / "clip")}
     model = OLAVLM(OLAConfig(), llm, vision, teachers.dims, sources)
-    model.save(tmp_path / "pt", ("projector", "tokens", "predictors"))
+    save_checkpoint(model, tmp_path / "pt", ("projector", "tokens", "predictors"))
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(tmp_path / "pt" / "model.safetensors"), "pt") as f:
         stored = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118
     assert stored == {"projector", "tokens", "predictors"}
-    again = OLAVLM.from_checkpoint(tmp_path / "pt")
+    again = from_checkpoint(tmp_path / "pt")
     assert again.vision.kind == "clip" and again.cfg == model.cfg
     input_ids, mask, labels, images, has_image = toy_batch()
     targets = teachers(teacher_pixels(teachers, 2))
@@ -260,7 +267,7 @@ def test_pt_checkpoint_stores_only_trained_parts_and_round_trips(tmp_path, tf):
     sd.pop(next(k for k in sd if k.startswith("predictors.")))
     save_file(sd, str(bad))
     with pytest.raises(ValueError, match="predictors"):
-        OLAVLM.from_checkpoint(tmp_path / "pt")
+        from_checkpoint(tmp_path / "pt")
 
 
 def test_config_round_trips_through_json():
@@ -289,7 +296,7 @@ def test_real_size_predictor_and_token_counts():
     gen 7.87M) and the special tokens are 2·576·4096 + 8·4096."""
     with torch.device("meta"):
         dims = {"depth": 1024, "seg": 1536, "gen": 1024}
-        predictors = EmbeddingPredictors(OLAConfig(), 4096, 32, dims, 576)
+        predictors = embedding_predictors(OLAConfig(), 4096, 32, dims, 576)
         tokens = SeekTokens(("depth", "seg", "gen"), 576, 4096, 8)
 
     def count(m):
@@ -302,6 +309,20 @@ def test_real_size_predictor_and_token_counts():
     layers = {t: sorted(map(int, predictors.heads[t])) for t in predictors.heads}
     assert layers == {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
     assert count(tokens) == 2 * 576 * 4096 + 8 * 4096
+
+
+def test_real_size_predictors_without_special_tokens_match_the_released_resamplers():
+    """N_seek = 0 (Tab. 5 row 0): the released code's heads are plain Resamplers with their own latents, as
+    wide as their output (DepthHead: dim = output_dim = 1024). Hand counts at Llama-3-8B sizes: latents Q·d,
+    proj_in 4096·d + d, attention 4d + 128d + 256d + 128d, feed-forward 2d + 2d², proj_out d·C + C, norm 2C:
+    depth (Q 576, d = C = 1024) 8,464,384; seg (576, 1536) 15,055,872; gen (1, 1024) 7,875,584."""
+    with torch.device("meta"):
+        dims = {"depth": 1024, "seg": 1536, "gen": 1024}
+        predictors = embedding_predictors(OLAConfig(num_seek_tokens=0), 4096, 32, dims, 576, own_latents=True)
+    for task, n in {"depth": 8_464_384, "seg": 15_055_872, "gen": 7_875_584}.items():
+        head = next(iter(predictors.heads[task].values()))
+        assert sum(p.numel() for p in head.parameters()) == n, task
+        assert head.latents.shape[-2:] == ((576 if task != "gen" else 1), dims[task])
 
 
 def test_bad_config_is_a_clear_error():

@@ -6,7 +6,6 @@ import torch
 from conftest import teacher_pixels, tiny_ola
 
 import shapes
-from chat import ChatTokenizer
 from probe import (
     PROMPT,
     MLLMFeatures,
@@ -17,6 +16,7 @@ from probe import (
     evaluate,
     train_probes,
 )
+from tokenizer import ChatTokenizer
 
 H, D_CONTENT, N_TEXT, N_IMG, C = 32, 16, 4, 16, 64
 BATCH = 32

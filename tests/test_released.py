@@ -22,13 +22,15 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 import released
-from chat import train_tokenizer
+from checkpoint import from_checkpoint, save_checkpoint, stored_config
 from convnext import ConvNeXt, ConvNeXtConfig
 from encoders import CLIPVision, CLIPVisionConfig, DINOv2, DINOv2Config
 from inference import answer, load_model
 from llm import LLM, LLMConfig
-from ola import IMAGE_TOKEN_INDEX, OLAVLM, OLAConfig
+from ola import OLAVLM, OLAConfig
+from released import from_released
 from swin import Swin, SwinConfig
+from tokenizer import IMAGE_TOKEN_INDEX, train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEYS = {
@@ -209,7 +211,7 @@ def folders(tmp_path_factory, tokenizer_json):
             vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
             model = tiny_model(variant, vocab)
             root = tmp_path_factory.mktemp(variant)
-            model.save(root / "ours", components=("projector", "tokens", "predictors"))
+            save_checkpoint(model, root / "ours", components=("projector", "tokens", "predictors"))
             state = released_state(model, VARIANTS[variant][0])
             folder = write_released(root / "released", state, released_config(variant, model))
             (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
@@ -249,8 +251,8 @@ def test_tiny_folder_has_the_released_key_names():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_released_folder_gives_the_logits_of_our_checkpoint(folders, variant):
     ours, folder = folders(variant)
-    a = OLAVLM.from_checkpoint(ours)
-    b = OLAVLM.from_released(folder)
+    a = from_checkpoint(ours)
+    b = from_released(folder)
     ids, mask, images = batch(a)
     with torch.no_grad():
         diff = maxdiff(logits(a, ids, mask, images), logits(b, ids, mask, images))
@@ -264,7 +266,7 @@ def test_released_folder_gives_the_logits_of_our_checkpoint(folders, variant):
 
 def test_released_pt_folder_gives_our_predictions_and_loss(folders):
     ours, folder = folders("llama3-clip-pt")
-    a, b = OLAVLM.from_checkpoint(ours), OLAVLM.from_checkpoint(folder)  # from_checkpoint dispatches
+    a, b = from_checkpoint(ours), from_checkpoint(folder)  # from_checkpoint dispatches
     ids, mask, images = batch(a, seed=1)
     labels = torch.where(mask, ids, -100)
     g = torch.Generator().manual_seed(2)
@@ -294,9 +296,9 @@ def test_bf16_is_loaded_as_stored_or_cast_on_request(tmp_path):
     model = tiny_model("llama3-clip-pt", 301)
     state = {k: v.bfloat16() for k, v in released_state(model, "llama").items()}
     folder = write_released(tmp_path / "bf16", state, released_config("llama3-clip-pt", model))
-    stored = OLAVLM.from_released(folder)
+    stored = from_released(folder)
     assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
-    cast = OLAVLM.from_released(folder, dtype=torch.float32)
+    cast = from_released(folder, dtype=torch.float32)
     assert {p.dtype for p in cast.parameters()} == {torch.float32}
     for ours, theirs in (
         ("llm.embed_tokens.weight", "model.embed_tokens.weight"),
@@ -313,7 +315,7 @@ def test_every_problem_is_named_with_file_key_and_shape(tmp_path):
     state["model.image_newline"] = torch.zeros(128)
     folder = write_released(tmp_path / "bad", state, released_config("llama3-clip-ift", model))
     with pytest.raises(ValueError) as e:
-        OLAVLM.from_released(folder)
+        from_released(folder)
     msg = str(e.value)
     assert "3 problems" in msg
     assert re.search(r"missing +model\.layers\.3\.mlp\.up_proj\.weight .*expected \[256, 128\]", msg)
@@ -516,4 +518,4 @@ def test_train_init_from_a_released_folder(folders, variant, stage, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     record = json.loads((tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()[0])
     assert ("emb" in record) == (stage == "pt")
-    assert OLAVLM.from_checkpoint(tmp_path / "run" / stage / "final").cfg == OLAVLM.stored_config(folder)
+    assert from_checkpoint(tmp_path / "run" / stage / "final").cfg == stored_config(folder)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import from_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 COMMON = ["--num-workers", "0", "--batch-size", "8", "--save-every", "2"]
@@ -122,8 +124,7 @@ def test_a_kill_during_a_save_then_resume_reproduces_the_run(workdir, kill_in):
     """kill -9 while writing the trainer state, the weights or final/ (the 4th trainer save is IFT's second
     of a pt,ift chain): the last complete checkpoint stays readable, and --resume continues in the stage
     where the run stopped, with the uninterrupted run's losses."""
-    from checkpoint import last_complete
-    from ola import OLAVLM
+    from weights import last_complete
 
     args = ["--stage", "pt,ift", "--max-steps", "4"]
     if not (workdir / "chain" / "ift" / "final").exists():
@@ -143,7 +144,7 @@ def test_a_kill_during_a_save_then_resume_reproduces_the_run(workdir, kill_in):
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     stopped = "ift" if (out / "ift").exists() else "pt"
     assert not (out / stopped / "final").exists()
-    OLAVLM.from_checkpoint(last_complete(out / stopped))  # what eval.py / probe.py read meanwhile
+    from_checkpoint(last_complete(out / stopped))  # what eval.py / probe.py read meanwhile
     run(args + ["--out", str(out), "--resume"], workdir)
     for stage in ("pt", "ift"):
         assert_same_losses(metrics(workdir / "chain" / stage), metrics(out / stage), tol=1e-6)
@@ -163,11 +164,8 @@ def test_fsdp2_ift_step_matches_ddp(workdir):
     run(args + ["--out", "fsdp", "--fsdp"], workdir, nproc=2)
     assert_same_losses(metrics(workdir / "ddp" / "ift"), metrics(workdir / "fsdp" / "ift"), tol=1e-5)
     # the gathered FSDP2 checkpoint loads strictly and holds the DDP run's weights
-    from ola import OLAVLM
 
-    ddp, fsdp = (
-        OLAVLM.from_checkpoint(workdir / run / "ift" / "final").state_dict() for run in ("ddp", "fsdp")
-    )
+    ddp, fsdp = (from_checkpoint(workdir / run / "ift" / "final").state_dict() for run in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys()
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
 
@@ -222,7 +220,7 @@ def test_baseline_modes_train_and_answer(workdir, mode, miniature_build):
     out = workdir / f"mode-{mode}"
     run(["--stage", "pt,ift", "--max-steps", "1", "--mode", mode, "--out", str(out)], workdir)
     pt = json.loads((out / "pt" / "run.json").read_text())
-    expected = {"llava": ["projector"], "feat-concat": ["projector"], "token-concat": ["inputs", "projector"]}
+    expected = {"llava": ["projector"], "feat-concat": ["projector"], "token-concat": ["projector", "inputs"]}
     assert pt["trainable"] == expected[mode] and pt["model"]["mode"] == ("ola" if mode == "llava" else mode)
     stored = {k.split(".")[0] for k in load_file(out / "ift" / "final" / "model.safetensors")}
     assert not stored & {"tokens", "predictors", "teachers"}  # the teachers are the miniature's folders

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-
 IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA records
+IMAGE_TOKEN_INDEX = -200  # its id in input_ids, which the model replaces by the image + special tokens
+IGNORE_INDEX = -100  # labels of positions without a next-token loss
 
 
 # ----------------------------------------------------------------------------- 1. chat templates
@@ -119,11 +119,12 @@ class ChatTokenizer:
     ) -> tuple[list[int], list[int]]:
         """LLaVA conversations [{"from": "human"|"gpt", "value": str}, ...] -> (input_ids, labels).
 
-        With an image, `<image>` is moved (or inserted) to the front of the first user turn (docs/design.md
-        §5); input_ids follow LLaVA's `tokenizer_image_token`: chunks between `<image>`s are encoded
-        separately, joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts
-        inside labelled_header + answer + sep (character offsets), and each answer's labels must decode to
-        exactly that text, else LabelMismatchError. A trailing human turn ends with the assistant header.
+        With an image, `<image>` is moved to the front of its turn (inserted into the first one when the
+        text has none); the other turns stay as written, as in the released code (docs/design.md §5).
+        input_ids follow LLaVA's `tokenizer_image_token`: chunks between `<image>`s are encoded separately,
+        joined by IMAGE_TOKEN_INDEX, BOS kept once. A token is a label iff it starts inside labelled_header
+        + answer + sep (character offsets), and each answer's labels must decode to exactly that text, else
+        LabelMismatchError. A trailing human turn ends with the assistant header.
         """
         if not isinstance(conversations, list) or not conversations:
             raise ValueError(f"'conversations' must be a non-empty list, got {conversations!r:.60}")
@@ -141,11 +142,11 @@ class ChatTokenizer:
             raise ValueError(f"'{IMAGE_TOKEN}' in the text but the record has no 'image'")
         if n_images > 1:
             raise ValueError(f"{n_images} '{IMAGE_TOKEN}' placeholders; one image per sample is supported")
-        # strip like Llama-3's own chat template (`| trim`): answers never start with whitespace that
-        # an rstrip special token (Phi-3's <|assistant|>) would swallow
-        messages = [m.replace(IMAGE_TOKEN, "").strip() for m in messages]
+        # as the released preprocess_multimodal: the turn with the image becomes "<image>\n" + its text,
+        # stripped; every other turn stays as written (a text-only record's first turn gets the image)
         if with_image:
-            messages[0] = (IMAGE_TOKEN + "\n" + messages[0]).strip()
+            k = next((k for k, m in enumerate(messages) if IMAGE_TOKEN in m), 0)
+            messages[k] = (IMAGE_TOKEN + "\n" + messages[k].replace(IMAGE_TOKEN, "").strip()).strip()
         t = self.template
         # spans: character ranges of the answers + their sep (and the labelled end of the header before them)
         text = t.system + t.sep
@@ -171,12 +172,34 @@ class ChatTokenizer:
             for j in inside:
                 labels[j] = ids[j]
             got = self.decode([ids[j] for j in inside], skip_special_tokens=False)
-            if got != text[a:b] or not inside or ids[inside[-1]] != self.sep_id:
+            # a right-stripping special token (Phi-3's <|assistant|>) swallows an answer's leading whitespace
+            if got not in (text[a:b], text[a:b].lstrip()) or not inside or ids[inside[-1]] != self.sep_id:
                 raise LabelMismatchError(
                     f"sample {sample_id}: the labelled tokens of answer {n} decode to {got!r}, "
                     f"expected {text[a:b]!r} (tokenizer {self.path}, template {self.name})"
                 )
         return ids, labels
+
+
+def find_tokenizer(explicit: str | os.PathLike | None, folder, llm_folder) -> Path | None:
+    """The tokenizer.json of a model: `explicit` (--tokenizer), else the checkpoint folder's own (released
+    folders ship one), else that of the folder the LLM came from; None when there is neither."""
+    if explicit:
+        return Path(explicit)
+    if folder and (Path(folder) / "tokenizer.json").is_file():
+        return Path(folder) / "tokenizer.json"
+    if llm_folder:
+        return Path(llm_folder) / "tokenizer.json"
+    return None
+
+
+def check_vocabulary(tok: ChatTokenizer, rows: int) -> None:
+    """Every token id must index a row of the LLM's embedding (else an index error deep in the model)."""
+    if tok.vocab_size > rows:
+        raise ValueError(
+            f"{tok.path}: {tok.vocab_size} tokens, but the LLM's embedding has {rows} rows "
+            f"(config.json vocab_size): use the tokenizer.json that came with the LLM (--tokenizer)"
+        )
 
 
 # ----------------------------------------------------------------------------- 2. tiny tokenizer
