@@ -2,7 +2,7 @@ r"""The paper's claim at the tiny scale, on a laptop: LLaVA-1.5 (NTP only) and O
 losses of Eq. 1 in PT) trained with the same seeds, data and budget on the built-in world, then probed
 layer by layer (Fig. 3) and scored on the built-in held-out QA (Tab. 1's CV-Bench tasks).
 
-    python demo.py                     # 3 seeds, PT checkpoints probed (≈ 14 min on 2 cores)
+    python demo.py                     # 3 seeds, PT checkpoints probed (≈ 15 min on 2 cores)
     python demo.py --seeds 0           # one seed (≈ 4 min)
     python demo.py --probe-stage ift   # probe the IFT checkpoints instead
 
