@@ -11,7 +11,7 @@ aggregate; then the markdown report in Tab. 1's column order.
 Rows are dicts {"id", "where" ("file:line", for messages), "prompt" (the text to send, suffix included),
 "image", + what the scorer needs}. "image" is a `pathlib.Path` (a file, checked to exist when read) or
 `bytes` (the encoded image file a parquet/JSONL embeds); `open_image(row)` opens either as RGB on demand
-(preprocess.read_image, the shared guard), so reading 5k questions opens no image. Summaries hold fractions
+(preprocess.read_image, the one guard), so reading 5k questions opens no image. Summaries hold fractions
 in [0, 1] (None for an empty group); only the report shows percentages. No model code (pyarrow for parquet
 only): the answers come from eval.py.
 """

@@ -16,14 +16,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("crop", "pad")
-# The formats every image opener accepts (read_image): what LLaVA, COCO, CV-Bench, MMStar, RealWorldQA and
-# OK-VQA hold (JPEG and PNG, in files or embedded bytes) and common photo formats; never PIL's others
-# (EPS runs Ghostscript, and the rest are only attack surface here). Phone JPEGs (MPO) open as JPEG.
+# What every image opener accepts (read_image; docs/design.md §12, Faults): the datasets' formats and common
+# photo formats, never PIL's others (EPS runs Ghostscript). Phone JPEGs (MPO) open as JPEG.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-# The image shapes read_image accepts. Pad-to-square allocates max(w, h)² pixels (a 40000×1 PNG of 201
-# bytes would take 4.8 GB), so shapes no real data has are refused before any view is made: benchmark and
-# training images are ordinary photos, screenshots and charts (COCO 640 px, CV-Bench's Omni3D 1600×900,
-# panoramas up to ~1:6; a 48 MP phone photo is 8064×6048).
+# Pad-to-square allocates max(w, h)² pixels, so shapes no real photo, screenshot or chart has are refused
+# before any view is made (a 48 MP phone photo is 8064×6048).
 MAX_ASPECT = 20  # long side / short side
 MAX_SIDE = 10_000  # long side in pixels: a padded square of at most 300 MB (RGB, 8 bit)
 

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from checkpoint import stored_config
-from cli import positive_int
+from cli import positive_float, positive_int
 from encoders import VISION_TOWERS
 from ola import MODES, OLAVLM, OLAConfig
 from precision import PRECISIONS
@@ -47,17 +47,6 @@ def task_values(items: list[str] | None, flag: str, parse, error) -> dict:
         except ValueError:
             error(f"{flag} {item!r}: cannot read the value {value!r}")
     return out
-
-
-def positive_float(text: str) -> float:
-    """argparse type of amounts that must be > 0 (epochs)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
 
 
 def comma_list(text: str) -> tuple[str, ...]:

@@ -13,14 +13,11 @@ r"""Train OLA-VLM: PT (with embedding losses) -> optional VPT -> IFT (Sec. 5.1; 
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,21 +26,22 @@ from tqdm import tqdm
 
 import data
 import miniature
-from checkpoint import from_checkpoint, load_components, save_checkpoint
+from checkpoint import from_checkpoint, load_components
 from cli import user_errors
 from concat import make_vlm
 from convnext import ConvNeXt, ConvNeXtConfig
-from distributed import all_mean, gather_states, load_optimizer_state, setup_distributed, sync_context, wrap
+from distributed import all_mean, setup_distributed, sync_context, wrap
 from encoders import VISION_TOWERS, CLIPVisionConfig, detect_tower
 from llm import LLM
 from ola import OLAVLM
 from precision import autocast, compute_dtype
-from recipe import PRESETS, STAGES, TINY, parse_args, set_trainable, stage_tasks, stored_components
+from recipe import PRESETS, STAGES, TINY, parse_args, set_trainable, stage_tasks
+from run_state import Run, latest_checkpoint, open_metrics, record_config, resume, save_step, sole_writer
 from schedule import warmup_cosine
 from tasks import make_teachers
 from teachers import TargetEncoders
 from tokenizer import ChatTokenizer, check_vocabulary, find_tokenizer
-from weights import COMPLETE, load_tensors_only, read_json, write_folder
+from weights import COMPLETE, read_json, write_folder
 
 
 # ----------------------------------------------------------------------------- model
@@ -132,34 +130,7 @@ def tokenizer_of(args) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def json_args(args) -> dict:
-    """The run's arguments as plain JSON values (paths as strings, the model configuration as a dict; the
-    built-in folders are in the paths they filled in)."""
-    values = {k: v for k, v in vars(args).items() if k != "builtin"}
-    return json.loads(json.dumps({**values, "ola": asdict(args.ola)}, default=str))
-
-
 # ----------------------------------------------------------------------------- one stage
-@dataclass
-class Run:
-    """Everything one stage trains with."""
-
-    stage: str
-    model: OLAVLM
-    wrapped: torch.nn.Module
-    teachers: TargetEncoders | None
-    dataset: data.LLaVADataset
-    loader: data.Loader
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    total: int  # optimizer steps of the stage
-    accum: int  # micro-batches per optimizer step
-    folder: Path
-    dtype: torch.dtype  # frozen weights and autocast (--dtype)
-    step: int = 0
-
-
 def build_run(args, stage: str, rank: int, world: int, device: torch.device) -> Run:
     """Data, teachers, model, optimizer and schedule of one stage (weights of a --resume checkpoint loaded
     before sharding, the optimizer state after)."""
@@ -235,112 +206,6 @@ def check_images(dataset: data.LLaVADataset) -> None:
         raise ValueError(f"{dataset.path}: no record has an 'image', but PT trains on images (Sec. 5.1)")
     if with_image < len(dataset.records):
         print(f"note: {len(dataset.records) - with_image} of {len(dataset.records)} PT records have no image")
-
-
-def latest_checkpoint(args, stage: str) -> Path | None:
-    """The newest complete step_* checkpoint of the stage when --resume is on."""
-    if not args.resume:
-        return None
-    found = sorted((args.out / stage).glob("step_*[0-9]"))
-    if not found:
-        print(f"--resume: no checkpoint in {args.out / stage}; starting {stage} from scratch")
-        return None
-    check_same_flags(args, found[-1] / "args.json")
-    return found[-1]
-
-
-RESUMABLE = ("resume", "max_steps", "save_every", "keep", "num_workers")  # flags a resumed run may change
-
-
-def check_same_flags(args, recorded: Path) -> None:
-    """A resumed run continues the recorded one: refuse other flags (a run mixing two configurations would
-    record only the second)."""
-    before = read_json(recorded)
-    now = json_args(args)
-    changed = [
-        k for k in sorted(set(before) | set(now)) if k not in RESUMABLE and before.get(k) != now.get(k)
-    ]
-    if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"--resume: {recorded} was trained with other flags ({diffs}): resume with its flags"
-        )
-
-
-def resume(run: Run, checkpoint: Path, args, rank: int) -> None:
-    """Optimizer, schedule, step, data position and RNG from a checkpoint's trainer.pt (tensors only)."""
-    trainer = load_tensors_only(checkpoint / "trainer.pt")
-    expected = ("optimizer", "scheduler", "step", "loader", "rng")
-    if not isinstance(trainer, dict) or not set(expected) <= trainer.keys():
-        raise ValueError(f"{checkpoint / 'trainer.pt'}: expected a dict with the keys {list(expected)}")
-    load_optimizer_state(run.wrapped, run.optimizer, trainer["optimizer"], args)
-    run.scheduler.load_state_dict(trainer["scheduler"])
-    run.step = trainer["step"]
-    run.loader.load_state_dict(trainer["loader"])
-    torch.set_rng_state(trainer["rng"])
-    if rank == 0:
-        print(f"resumed {run.stage} from {checkpoint} at step {run.step}")
-
-
-def save_step(run: Run, args, rank: int) -> None:
-    """step_<n>/ = model/ (an OLA checkpoint) + trainer.pt, written to a temporary folder then renamed;
-    only the newest --keep are kept."""
-    state, optimizer_state = gather_states(run.wrapped, run.optimizer, args)
-    if rank != 0:
-        return
-    trainer = {
-        "optimizer": optimizer_state,
-        "scheduler": run.scheduler.state_dict(),
-        "step": run.step,
-        "loader": run.loader.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-
-    def write(tmp: Path) -> None:
-        save_checkpoint(run.model, tmp / "model", stored_components(run.stage), state=state)
-        torch.save(trainer, tmp / "trainer.pt")
-        (tmp / "args.json").write_text(json.dumps(json_args(args), indent=1))
-
-    write_folder(run.folder / f"step_{run.step:06d}", write)
-    for old in sorted(run.folder.glob("step_*[0-9]"))[: -args.keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def record_config(run: Run, args) -> None:
-    """Print the stage's full configuration and write it as run.json beside metrics.jsonl."""
-    config = {
-        "stage": run.stage,
-        "model": asdict(run.model.cfg),
-        "trainable": [
-            name
-            for name, module in run.model.named_children()
-            if any(p.requires_grad for p in module.parameters())
-        ],
-        "steps": run.total,
-        "accumulation": run.accum,
-        "args": json_args(args),
-    }
-    (run.folder / "run.json").write_text(json.dumps(config, indent=1))
-    print(f"{run.stage}: model {config['model']}")
-    print(f"{run.stage}: {run.total} steps x {run.accum} micro-batches; args {config['args']}")
-
-
-def open_metrics(run: Run, resumed: bool):
-    """metrics.jsonl of the stage; on resume the rows up to the checkpoint are kept (later ones re-run)."""
-    path = run.folder / "metrics.jsonl"
-    kept = []
-    if resumed and path.exists():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                step = json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):  # a kill tore the line being written
-                print(f"{path}:{n}: dropping an incomplete metrics line")
-                continue
-            if step <= run.step:
-                kept.append(line)
-    metrics = open(path, "w")  # noqa: SIM115 (closed at the end of the stage)
-    metrics.writelines(line + "\n" for line in kept)
-    return metrics
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -460,22 +325,6 @@ def summarize(stage: str, history: list[dict], seen: int, seconds: float, final:
         print(f"  {key:<16} first {n}: {first:8.4f}   last {n}: {last:8.4f}")
     print(dataset.summary())
     print(f"  checkpoint: {final}")
-
-
-@contextmanager
-def sole_writer(out: Path) -> Iterator[None]:
-    """One train.py per --out: an exclusive lock on <out>/.lock while the run lasts (the kernel releases it
-    when the process ends, however it ends), else a clear refusal."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"--out {out}: another train.py is writing there (it holds {out / '.lock'}); "
-                f"wait for it to finish or pass another --out"
-            ) from None
-        yield
 
 
 def main(argv=None) -> None:

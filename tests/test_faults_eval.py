@@ -88,7 +88,7 @@ def test_a_decompression_bomb_names_the_image(tmp_path, monkeypatch):
 
 
 def test_extreme_shapes_and_other_formats_are_refused_before_any_view(tmp_path, monkeypatch):
-    """The shared guard (preprocess.read_image) in chat/probe, the benchmarks and training data alike."""
+    """One guard (preprocess.read_image) in chat/probe, the benchmarks and training data alike."""
     (tmp_path / "images").mkdir()
     wide = save(tmp_path / "images" / "wide.png", (400, 1), "L")
     with pytest.raises(ValueError, match=rf"cannot read image {wide}: 400×1 pixels: aspect ratio 400:1"):

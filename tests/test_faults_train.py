@@ -9,6 +9,7 @@ from conftest import tiny_ola
 from safetensors import SafetensorError
 
 import checkpoint
+import run_state
 import train
 import weights
 from checkpoint import from_checkpoint, save_checkpoint, stored_config
@@ -50,17 +51,17 @@ def test_the_paper_defaults_still_parse():
 def test_resume_with_other_flags_is_refused(tmp_path):
     args = parse_args(["--out", str(tmp_path)])
     recorded = tmp_path / "args.json"
-    recorded.write_text(json.dumps(train.json_args(args)))
-    train.check_same_flags(parse_args(["--out", str(tmp_path), "--max-steps", "5", "--resume"]), recorded)
+    recorded.write_text(json.dumps(run_state.json_args(args)))
+    run_state.check_same_flags(parse_args(["--out", str(tmp_path), "--max-steps", "5", "--resume"]), recorded)
     with pytest.raises(ValueError, match=r"args.json was trained with other flags \(lr: None -> 0.5"):
-        train.check_same_flags(parse_args(["--out", str(tmp_path), "--lr", "0.5", "--resume"]), recorded)
+        run_state.check_same_flags(parse_args(["--out", str(tmp_path), "--lr", "0.5", "--resume"]), recorded)
 
 
 def test_a_second_writer_to_one_out_folder_is_refused(tmp_path):
     refused = pytest.raises(ValueError, match="another train.py is writing there")
-    with train.sole_writer(tmp_path), refused, train.sole_writer(tmp_path):
+    with run_state.sole_writer(tmp_path), refused, run_state.sole_writer(tmp_path):
         pass
-    with train.sole_writer(tmp_path):  # released when the first run ends
+    with run_state.sole_writer(tmp_path):  # released when the first run ends
         pass
 
 
